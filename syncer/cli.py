@@ -1,0 +1,200 @@
+"""The ``syncer`` command: one entry point, one error handler, documented exit statuses.
+
+Exit statuses: 0 success; 1 some changes were not delivered (they stay queued); 2 invalid
+settings or usage; 3 database unreachable or not migrated; 4 internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from syncer.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNDELIVERED, SyncerError
+from syncer.logs import configure_logging
+from syncer.settings import Settings, load_settings, resolve_settings_path
+from syncer.store.database import check_schema, create_database_engine, migrate, safe_url
+from syncer.store.repository import Repository
+from syncer.sync import SyncEngine, SyncOptions, SyncReport
+
+log = structlog.get_logger("syncer.cli")
+
+
+@dataclass
+class App:
+    """What every command shares: the settings, loaded and validated once."""
+
+    settings_path: Path
+    _settings: Settings | None = field(default=None, init=False)
+
+    @property
+    def settings(self) -> Settings:
+        """The validated settings (read on first use, before anything else happens)."""
+        if self._settings is None:
+            self._settings = load_settings(self.settings_path)
+            configure_logging(self._settings.logging.level, self._settings.logging.format)
+        return self._settings
+
+    def repository(self, *, require_schema: bool = True) -> Repository:
+        """A repository on the configured database, checked to be migrated."""
+        engine = create_database_engine(self.settings.database.url)
+        if require_schema:
+            check_schema(engine)
+        return Repository(engine)
+
+
+class SyncerGroup(click.Group):
+    """Turns every known error into one line on standard error and its exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SyncerError as error:
+            click.echo(f"syncer: error: {error}", err=True)
+            ctx.exit(error.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("syncer: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as error:  # the one place an unexpected failure becomes an exit status
+            log.exception("internal_error")
+            click.echo(f"syncer: internal error: {type(error).__name__}: {error}", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=SyncerGroup)
+@click.option(
+    "--settings",
+    "settings_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Settings file (default: $SYNCER_SETTINGS, else ./settings.toml).",
+)
+@click.version_option(package_name="engage-audience-syncer")
+@click.pass_context
+def main(ctx: click.Context, settings_path: Path | None) -> None:
+    """Sync Engage audience memberships to Tray.io workflows."""
+    configure_logging()
+    ctx.obj = App(resolve_settings_path(str(settings_path) if settings_path else None))
+
+
+@main.command(name="migrate")
+@click.pass_obj
+def migrate_command(app: App) -> None:
+    """Create or upgrade the database schema (input tables and the syncer's own)."""
+    settings = app.settings
+    engine = create_database_engine(settings.database.url)
+    before, after = migrate(engine)
+    where = safe_url(settings.database.url)
+    if before == after:
+        click.echo(f"{where}: schema already at revision {after}")
+    else:
+        click.echo(f"{where}: schema migrated from {before or 'nothing'} to revision {after}")
+
+
+class _BarProgress:
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, Any] = {}
+
+    def _task(self, url: str) -> Any:
+        if url not in self._tasks:
+            self._tasks[url] = self._progress.add_task(url, total=0)
+        return self._tasks[url]
+
+    def planned(self, url: str, changes: int) -> None:
+        task = self._task(url)
+        total = self._progress.tasks[task].total or 0
+        self._progress.update(task, total=total + changes)
+
+    def advanced(self, url: str, changes: int) -> None:
+        self._progress.advance(self._task(url), changes)
+
+
+def _print_summary(report: SyncReport) -> None:
+    counts = report.counts
+    click.echo(
+        f"run {report.run_id}: {counts.audiences} audience(s) x "
+        f"{len({p.url for p in report.pairs})} URL(s): {counts.entered} entered, "
+        f"{counts.exited} exited, {counts.delivered} delivered, {counts.pending} pending, "
+        f"{counts.rejected} rejected in {report.duration_seconds:.2f}s"
+    )
+    for problem in report.problems:
+        click.echo(f"  skipped audience {problem.audience_id}: {problem.reason}")
+    for pair in report.pairs:
+        if pair.pending or pair.rejected or pair.note:
+            note = f" ({pair.note})" if pair.note else ""
+            click.echo(
+                f"  {pair.url} {pair.key}: {pair.pending} pending, {pair.rejected} rejected{note}"
+            )
+    if not report.fully_delivered:
+        click.echo("  undelivered changes stay queued and are retried on the next run")
+
+
+@main.command(name="sync")
+@click.option("--audience", default=None, help="Sync only this audience (id or key).")
+@click.option(
+    "--full", is_flag=True, help="Re-send every current member, whatever was sent before."
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be sent, per URL; change nothing.")
+@click.pass_obj
+def sync_command(app: App, audience: str | None, full: bool, dry_run: bool) -> None:
+    """Run one sync over all enabled audiences (or one)."""
+    settings = app.settings
+    engine = SyncEngine(settings, app.repository())
+    options = SyncOptions(
+        audience=audience, full=full, dry_run=dry_run, trigger="full" if full else "manual"
+    )
+    try:
+        if dry_run:
+            _dry_run(engine, options)
+            return
+        if sys.stderr.isatty():
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            ) as bar:
+                report = engine.run(options, progress=_BarProgress(bar))
+        else:
+            report = engine.run(options)
+    finally:
+        engine.close()
+    _print_summary(report)
+    sys.exit(EXIT_OK if report.fully_delivered else EXIT_UNDELIVERED)
+
+
+def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
+    totals: dict[tuple[str, str], int] = {}
+    current_url: list[str] = []
+
+    def emit(url: str, key: str, user_id: str, value: str) -> None:
+        if not current_url or current_url[0] != url:
+            current_url[:] = [url]
+            click.echo(f"would send to {url}:")
+        totals[(url, value)] = totals.get((url, value), 0) + 1
+        click.echo(f"  identify {user_id!r} {key}={value}")
+
+    report = engine.run(options, emit=emit)
+    for problem in report.problems:
+        click.echo(f"skipped audience {problem.audience_id}: {problem.reason}")
+    for url in engine.settings.tray.workflow_urls:
+        click.echo(
+            f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
+            f"{totals.get((url, 'false'), 0)} exited; nothing was sent or changed"
+        )
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main(prog_name="syncer")

@@ -1,0 +1,72 @@
+"""What a workflow's answer means, and how long to wait before asking again."""
+
+from __future__ import annotations
+
+import enum
+import random
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+# 408, 423 and 429 say "not now"; every 5xx says the server failed. Any other status is final.
+_RETRYABLE_4XX = frozenset({408, 423, 429})
+
+
+class OutcomeKind(enum.Enum):
+    """The three fates of one delivery attempt."""
+
+    DELIVERED = "delivered"
+    RETRYABLE = "retryable"
+    REJECTED = "rejected"
+
+
+def classify_status(status: int) -> OutcomeKind:
+    """Classify an HTTP status: 2xx delivered, 408/423/429/5xx retryable, anything else final."""
+    if 200 <= status < 300:
+        return OutcomeKind.DELIVERED
+    if status in _RETRYABLE_4XX or 500 <= status < 600:
+        return OutcomeKind.RETRYABLE
+    return OutcomeKind.REJECTED
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait that a ``Retry-After`` header asks for, or None when absent or unreadable.
+
+    The header is either a number of seconds or an HTTP date; a date in the past means now.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    reference = now or datetime.now(UTC)
+    return max(0.0, (when - reference).total_seconds())
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    retry_after_cap: float,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1).
+
+    Exponential backoff with full jitter, so that many senders do not retry in step; a server's
+    ``Retry-After`` is honoured when longer, but never beyond ``retry_after_cap``.
+    """
+    generator = rng or random
+    ceiling = min(cap, base * (2 ** (attempt - 1)))
+    delay = generator.uniform(ceiling / 2, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, retry_after_cap))
+    return delay

@@ -1,0 +1,224 @@
+"""The one typed settings object, read from TOML and validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from syncer.core.durations import parse_duration
+from syncer.errors import ConfigError
+
+DEFAULT_SETTINGS_PATH = "settings.toml"
+SETTINGS_PATH_ENV = "SYNCER_SETTINGS"
+SECRET_ENV = "SYNCER_TRAY_SHARED_SECRET"
+DATABASE_URL_ENV = "SYNCER_DATABASE_URL"
+MAX_WORKFLOW_URLS = 10
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    """Where memberships live and the syncer keeps its records."""
+
+    url: str = "sqlite:///syncer.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = url.split(":", 1)[0]
+        if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return url
+
+
+class TraySettings(_Section):
+    """The workflows to tell, and the secret that signs what they are told."""
+
+    workflow_urls: list[str]
+    shared_secret: SecretStr | None = None
+
+    @field_validator("workflow_urls")
+    @classmethod
+    def _valid_urls(cls, urls: list[str]) -> list[str]:
+        if not 1 <= len(urls) <= MAX_WORKFLOW_URLS:
+            raise ValueError(f"{len(urls)} URLs given; 1 to {MAX_WORKFLOW_URLS} are allowed")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a URL is listed twice")
+        return urls
+
+    @property
+    def secret(self) -> str | None:
+        """The shared secret as text, or None when requests go unsigned."""
+        if self.shared_secret is None:
+            return None
+        return self.shared_secret.get_secret_value() or None
+
+
+class EngageSettings(_Section):
+    """The Engage space the computations are said to come from."""
+
+    space_id: Annotated[str, Field(min_length=1)] = "spa_syncer"
+
+
+class ScheduleSettings(_Section):
+    """When the daemon syncs: every ``interval``, or on a ``cron`` expression."""
+
+    interval: str | None = None
+    cron: str | None = None
+
+    @field_validator("interval")
+    @classmethod
+    def _valid_interval(cls, interval: str | None) -> str | None:
+        if interval is not None:
+            parse_duration(interval)
+        return interval
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, cron: str | None) -> str | None:
+        if cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(cron)
+            except ValueError as error:
+                raise ValueError(
+                    f"{cron!r} is not a five-field cron expression ({error})"
+                ) from None
+        return cron
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ScheduleSettings:
+        if self.interval is not None and self.cron is not None:
+            raise ValueError("set interval or cron, not both")
+        return self
+
+    @property
+    def interval_seconds(self) -> float | None:
+        """The interval in seconds; the default of 15 minutes when neither field is set."""
+        if self.cron is not None:
+            return None
+        return parse_duration(self.interval or "15m")
+
+
+class DeliverySettings(_Section):
+    """How requests are sent and retried."""
+
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 16
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 4
+    backoff_base_seconds: Annotated[float, Field(ge=0, le=60)] = 0.5
+    backoff_max_seconds: Annotated[float, Field(ge=0, le=600)] = 30.0
+    retry_after_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
+
+
+class LoggingSettings(_Section):
+    """How the syncer writes its logs (to standard error)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(_Section):
+    """Everything the syncer is told, validated as a whole."""
+
+    database: DatabaseSettings = DatabaseSettings()
+    tray: TraySettings
+    engage: EngageSettings = EngageSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+def resolve_settings_path(explicit: str | None) -> Path:
+    """The settings file named by --settings, else SYNCER_SETTINGS, else ./settings.toml."""
+    return Path(explicit or os.environ.get(SETTINGS_PATH_ENV) or DEFAULT_SETTINGS_PATH)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    location = ""
+    for part in first["loc"]:
+        location += (
+            f"[{part}]" if isinstance(part, int) else (f".{part}" if location else str(part))
+        )
+    if first["type"] == "extra_forbidden":
+        problem = "unknown key"
+    elif first["type"] == "missing":
+        problem = "is required"
+    else:
+        problem = str(first["msg"]).removeprefix("Value error, ")
+    return f"{source}: {location or 'settings'}: {problem}"
+
+
+def _absolute_sqlite_url(url: str, base: Path) -> str:
+    prefix, separator, path = url.partition(":///")
+    if not separator or not prefix.startswith("sqlite") or not path or path.startswith(":memory:"):
+        return url
+    if Path(path).is_absolute():
+        return url
+    return f"{prefix}:///{(base / path).resolve()}"
+
+
+def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Settings:
+    """Validate settings given as a mapping, applying environment overrides."""
+    data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    secret = os.environ.get(SECRET_ENV)
+    if secret is not None:
+        tray = data.setdefault("tray", {})
+        if isinstance(tray, dict):
+            tray["shared_secret"] = secret
+    database_url = os.environ.get(DATABASE_URL_ENV)
+    if database_url:
+        database = data.setdefault("database", {})
+        if isinstance(database, dict):
+            database["url"] = database_url
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+    url = _absolute_sqlite_url(settings.database.url, base)
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return settings.model_copy(update={"database": DatabaseSettings(url=url)})
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the settings file; raise ConfigError with one line naming the key.
+
+    A relative SQLite path is taken relative to the settings file, so the daemon finds the same
+    database whatever directory it is started from.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: settings file not found (use --settings or SYNCER_SETTINGS)"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read settings file: {error.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return settings_from_mapping(data, str(path), path.resolve().parent)

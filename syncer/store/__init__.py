@@ -1,0 +1,1 @@
+"""Everything that touches the database: schema, connections, migrations and all SQL."""

@@ -1,0 +1,97 @@
+"""Connections and schema migrations, for SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from syncer.errors import DatabaseUnavailable
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def safe_url(url: str) -> str:
+    """The database URL as it may be shown: with any password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # Bytes that are not UTF-8 are read as lone surrogates instead of failing the whole query;
+    # the row is then reported as invalid rather than crashing a run.
+    dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def create_database_engine(url: str) -> Engine:
+    """An engine set up for the syncer: WAL and a busy timeout on SQLite, pre-ping everywhere."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _configure_sqlite)
+    return engine
+
+
+def migrations_path() -> Path:
+    """Where the Alembic scripts are: inside the installed package, or beside it in a checkout."""
+    packaged = Path(str(resources.files("syncer"))) / "_migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    return config
+
+
+def head_revision() -> str | None:
+    """The revision this version of the syncer needs."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def migrate(engine: Engine) -> tuple[str | None, str | None]:
+    """Create or upgrade the whole schema; return the revisions before and after."""
+    config = _alembic_config()
+    try:
+        with engine.begin() as connection:
+            before = MigrationContext.configure(connection).get_current_revision()
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            after = MigrationContext.configure(connection).get_current_revision()
+    except OperationalError as error:
+        raise DatabaseUnavailable(
+            f"cannot migrate {safe_url(str(engine.url))}: {error.orig}"
+        ) from None
+    return before, after
+
+
+def check_schema(engine: Engine) -> None:
+    """Fail with a clear message unless the database is reachable and fully migrated."""
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as error:
+        reason = getattr(error, "orig", None) or error
+        raise DatabaseUnavailable(
+            f"cannot reach database {safe_url(str(engine.url))}: {reason}"
+        ) from None
+    head = head_revision()
+    if current != head:
+        state = "has no syncer schema" if current is None else f"is at revision {current}"
+        raise DatabaseUnavailable(
+            f"database {safe_url(str(engine.url))} {state}; this version needs {head}: "
+            "run `syncer migrate`"
+        )

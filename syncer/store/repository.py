@@ -1,0 +1,531 @@
+"""All of the syncer's SQL, behind one interface that works on SQLite and PostgreSQL alike.
+
+The diff is computed by the database: planning a (URL, audience) pair is a handful of set-based
+statements, and every read that can grow with an audience is streamed or paged in batches.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    DateTime,
+    Engine,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from syncer.core.diff import FALSE, TRUE
+from syncer.store.schema import (
+    audience_keys,
+    audience_memberships,
+    audiences,
+    delivered,
+    destinations,
+    leases,
+    meta,
+    outbox,
+    runs,
+)
+
+STATUS_PENDING = "pending"
+STATUS_REJECTED = "rejected"
+
+
+def utcnow() -> datetime:
+    """The current time as the naive UTC datetime every table stores."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class AudienceRow:
+    """One row of the ``audiences`` input table."""
+
+    audience_id: str
+    name: str
+    key: str | None
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class QueuedChange:
+    """One change in the outbox, waiting to be accepted by its workflow URL."""
+
+    change_id: int
+    user_id: str
+    value: str
+    anonymous_id: str | None
+    email: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChangeCounts:
+    """How many entries (true) and exits (false) a (URL, audience) pair has queued."""
+
+    entered: int
+    exited: int
+
+
+@dataclass(frozen=True)
+class FailedChange:
+    """A change the URL did not accept this time: why, and how often it was tried."""
+
+    change: QueuedChange
+    attempts: int
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """The figures a run reports and records."""
+
+    audiences: int = 0
+    entered: int = 0
+    exited: int = 0
+    delivered: int = 0
+    pending: int = 0
+    rejected: int = 0
+
+
+def _dialect_insert(connection: Connection, table: Any) -> Any:
+    # Both dialects' Insert offer on_conflict_*; the base Insert type does not declare them.
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+class Repository:
+    """The one gateway to the database used by the sync engine, the CLI and the daemon."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- meta ---
+
+    def message_namespace(self) -> uuid.UUID:
+        """The random namespace messageIds of this database are derived in."""
+        with self.engine.connect() as connection:
+            value = connection.execute(
+                select(meta.c.value).where(meta.c.name == "message_namespace")
+            ).scalar_one()
+        return uuid.UUID(value)
+
+    # --- audiences and keys ---
+
+    def load_audiences(self) -> list[AudienceRow]:
+        """Every audience (a few hundred rows at most: memberships are never loaded whole)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    audiences.c.id, audiences.c.name, audiences.c.key, audiences.c.enabled
+                ).order_by(audiences.c.id)
+            ).all()
+        return [AudienceRow(row.id, row.name, row.key, bool(row.enabled)) for row in rows]
+
+    def locked_keys(self) -> dict[str, str]:
+        """Audience id -> the key it was first synced under."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(audience_keys.c.audience_id, audience_keys.c.key))
+            return {row.audience_id: row.key for row in rows}
+
+    def lock_key(self, audience_id: str, key: str) -> bool:
+        """Record that ``audience_id`` syncs under ``key`` from now on; False if it is taken."""
+        with self.engine.begin() as connection:
+            statement = (
+                _dialect_insert(connection, audience_keys)
+                .values(audience_id=audience_id, key=key, locked_at=utcnow())
+                .on_conflict_do_nothing()
+            )
+            connection.execute(statement)
+            locked = connection.execute(
+                select(audience_keys.c.key).where(audience_keys.c.audience_id == audience_id)
+            ).scalar_one_or_none()
+        return locked == key
+
+    # --- destinations ---
+
+    def find_destinations(self, urls: Sequence[str]) -> dict[str, int]:
+        """URL -> id for the URLs the database already knows."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(destinations.c.url, destinations.c.id).where(destinations.c.url.in_(urls))
+            )
+            return {row.url: row.id for row in rows}
+
+    def ensure_destinations(self, urls: Sequence[str]) -> dict[str, int]:
+        """URL -> id, registering URLs seen for the first time."""
+        with self.engine.begin() as connection:
+            statement = _dialect_insert(connection, destinations).on_conflict_do_nothing()
+            now = utcnow()
+            connection.execute(statement, [{"url": url, "first_seen_at": now} for url in urls])
+        return self.find_destinations(urls)
+
+    # --- planning: the diff, in SQL ---
+
+    @staticmethod
+    def _is_member(audience_id: str, user_id: Any) -> ColumnElement[bool]:
+        return exists().where(
+            audience_memberships.c.audience_id == audience_id,
+            audience_memberships.c.user_id == user_id,
+        )
+
+    @staticmethod
+    def _delivered_true(destination_id: int, audience_id: str, user_id: Any) -> ColumnElement[bool]:
+        return exists().where(
+            delivered.c.destination_id == destination_id,
+            delivered.c.audience_id == audience_id,
+            delivered.c.user_id == user_id,
+            delivered.c.value == TRUE,
+        )
+
+    @staticmethod
+    def _queued(destination_id: int, audience_id: str, user_id: Any) -> ColumnElement[bool]:
+        return exists().where(
+            outbox.c.destination_id == destination_id,
+            outbox.c.audience_id == audience_id,
+            outbox.c.user_id == user_id,
+        )
+
+    def plan(self, destination_id: int, audience_id: str, *, full: bool) -> ChangeCounts:
+        """Make the outbox of one (URL, audience) hold exactly the changes the URL must be told.
+
+        Follows :func:`syncer.core.diff.reconcile_outbox`: queued changes still wanted are kept
+        (their retries keep their messageId), the rest are dropped, and new ones are added.
+        """
+        now = utcnow()
+        in_pair = and_(
+            outbox.c.destination_id == destination_id, outbox.c.audience_id == audience_id
+        )
+        member = self._is_member(audience_id, outbox.c.user_id)
+        told_true = self._delivered_true(destination_id, audience_id, outbox.c.user_id)
+        keep_entry = and_(outbox.c.value == TRUE, member)
+        if not full:
+            keep_entry = and_(keep_entry, or_(outbox.c.forced, not_(told_true)))
+        keep_exit = and_(outbox.c.value == FALSE, not_(member), told_true)
+        columns = [
+            "destination_id", "audience_id", "user_id", "value", "anonymous_id", "email",
+            "forced", "created_at", "status", "attempts", "rejections",
+        ]  # fmt: skip
+        m = audience_memberships
+        entries = select(
+            literal(destination_id, Integer),
+            literal(audience_id, Text),
+            m.c.user_id,
+            literal(TRUE, Text),
+            m.c.anonymous_id,
+            m.c.email,
+            literal(full, Boolean),
+            literal(now, DateTime),
+            literal(STATUS_PENDING, Text),
+            literal(0, Integer),
+            literal(0, Integer),
+        ).where(
+            m.c.audience_id == audience_id,
+            not_(self._queued(destination_id, audience_id, m.c.user_id)),
+        )
+        if not full:
+            entries = entries.where(
+                not_(self._delivered_true(destination_id, audience_id, m.c.user_id))
+            )
+        exits = select(
+            literal(destination_id, Integer),
+            literal(audience_id, Text),
+            delivered.c.user_id,
+            literal(FALSE, Text),
+            delivered.c.anonymous_id,
+            delivered.c.email,
+            literal(False, Boolean),
+            literal(now, DateTime),
+            literal(STATUS_PENDING, Text),
+            literal(0, Integer),
+            literal(0, Integer),
+        ).where(
+            delivered.c.destination_id == destination_id,
+            delivered.c.audience_id == audience_id,
+            delivered.c.value == TRUE,
+            not_(self._is_member(audience_id, delivered.c.user_id)),
+            not_(self._queued(destination_id, audience_id, delivered.c.user_id)),
+        )
+        with self.engine.begin() as connection:
+            connection.execute(delete(outbox).where(in_pair, not_(or_(keep_entry, keep_exit))))
+            if full:
+                connection.execute(
+                    update(outbox).where(in_pair, outbox.c.value == TRUE).values(forced=True)
+                )
+            connection.execute(insert(outbox).from_select(columns, entries))
+            connection.execute(insert(outbox).from_select(columns, exits))
+            return self._counts(connection, destination_id, audience_id)
+
+    def _counts(
+        self, connection: Connection, destination_id: int, audience_id: str
+    ) -> ChangeCounts:
+        rows = connection.execute(
+            select(outbox.c.value, func.count())
+            .where(outbox.c.destination_id == destination_id, outbox.c.audience_id == audience_id)
+            .group_by(outbox.c.value)
+        )
+        by_value = {row[0]: row[1] for row in rows}
+        return ChangeCounts(entered=by_value.get(TRUE, 0), exited=by_value.get(FALSE, 0))
+
+    def queued_counts(self, destination_id: int, audience_id: str) -> ChangeCounts:
+        """The entries and exits still queued for one (URL, audience)."""
+        with self.engine.connect() as connection:
+            return self._counts(connection, destination_id, audience_id)
+
+    def rejected_count(self, destination_id: int, audience_id: str) -> int:
+        """How many queued changes of one (URL, audience) were last refused for good."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(func.count()).where(
+                    outbox.c.destination_id == destination_id,
+                    outbox.c.audience_id == audience_id,
+                    outbox.c.status == STATUS_REJECTED,
+                )
+            ).scalar_one()
+
+    def stream_desired(
+        self, destination_id: int | None, audience_id: str, *, full: bool, batch_size: int
+    ) -> Iterator[list[tuple[str, str]]]:
+        """Stream, in batches, the (user, value) changes a plan would queue; writes nothing.
+
+        ``destination_id`` None stands for a URL the database has never seen: it would be told
+        every member and no exits.
+        """
+        m = audience_memberships
+        entries = select(m.c.user_id, literal(TRUE, Text).label("value")).where(
+            m.c.audience_id == audience_id
+        )
+        if destination_id is None:
+            statement: Any = entries.order_by(m.c.user_id)
+        else:
+            if not full:
+                entries = entries.where(
+                    not_(self._delivered_true(destination_id, audience_id, m.c.user_id))
+                )
+            exits = select(delivered.c.user_id, literal(FALSE, Text).label("value")).where(
+                delivered.c.destination_id == destination_id,
+                delivered.c.audience_id == audience_id,
+                delivered.c.value == TRUE,
+                not_(self._is_member(audience_id, delivered.c.user_id)),
+            )
+            statement = union_all(entries, exits)
+        with self.engine.connect() as connection:
+            result = connection.execution_options(
+                stream_results=True, yield_per=batch_size
+            ).execute(statement)
+            for partition in result.partitions(batch_size):
+                yield [(row[0], row[1]) for row in partition]
+
+    # --- sending ---
+
+    def queued_batch(
+        self, destination_id: int, audience_id: str, *, after_id: int, limit: int
+    ) -> list[QueuedChange]:
+        """The next ``limit`` queued changes of one (URL, audience) after ``after_id``, by id."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    outbox.c.id,
+                    outbox.c.user_id,
+                    outbox.c.value,
+                    outbox.c.anonymous_id,
+                    outbox.c.email,
+                    outbox.c.created_at,
+                )
+                .where(
+                    outbox.c.destination_id == destination_id,
+                    outbox.c.audience_id == audience_id,
+                    outbox.c.id > after_id,
+                )
+                .order_by(outbox.c.id)
+                .limit(limit)
+            ).all()
+        return [QueuedChange(*row) for row in rows]
+
+    def record_outcomes(
+        self,
+        destination_id: int,
+        audience_id: str,
+        *,
+        accepted: Sequence[tuple[QueuedChange, str]],
+        retryable: Sequence[FailedChange],
+        rejected: Sequence[FailedChange],
+    ) -> None:
+        """Record what one URL did with a batch of changes, in one transaction.
+
+        Only an accepted change moves into the record of what the URL was told; every other
+        change stays queued, with its attempts and last error, so nothing is ever lost.
+        """
+        now = utcnow()
+        with self.engine.begin() as connection:
+            if accepted:
+                upsert = _dialect_insert(connection, delivered)
+                upsert = upsert.on_conflict_do_update(
+                    index_elements=["destination_id", "audience_id", "user_id"],
+                    set_={
+                        name: upsert.excluded[name]
+                        for name in ("value", "anonymous_id", "email", "message_id", "delivered_at")
+                    },
+                )
+                connection.execute(
+                    upsert,
+                    [
+                        {
+                            "destination_id": destination_id,
+                            "audience_id": audience_id,
+                            "user_id": change.user_id,
+                            "value": change.value,
+                            "anonymous_id": change.anonymous_id,
+                            "email": change.email,
+                            "message_id": message_id,
+                            "delivered_at": now,
+                        }
+                        for change, message_id in accepted
+                    ],
+                )
+                connection.execute(
+                    delete(outbox).where(
+                        outbox.c.id.in_([change.change_id for change, _ in accepted])
+                    )
+                )
+            for failures, status, rejection in (
+                (retryable, STATUS_PENDING, 0),
+                (rejected, STATUS_REJECTED, 1),
+            ):
+                if not failures:
+                    continue
+                connection.execute(
+                    update(outbox)
+                    .where(outbox.c.id == bindparam("change_id"))
+                    .values(
+                        status=status,
+                        attempts=outbox.c.attempts + bindparam("tries", type_=Integer),
+                        rejections=outbox.c.rejections + rejection,
+                        last_status=bindparam("http_status", type_=Integer),
+                        last_error=bindparam("error", type_=Text),
+                        last_attempt_at=now,
+                    ),
+                    [
+                        {
+                            "change_id": failure.change.change_id,
+                            "tries": failure.attempts,
+                            "http_status": failure.status,
+                            "error": failure.error,
+                        }
+                        for failure in failures
+                    ],
+                )
+
+    # --- leases ---
+
+    def acquire_lease(self, name: str, holder: str, ttl: timedelta) -> bool:
+        """Take or renew the lease ``name`` for ``holder``; False while another holds it.
+
+        A lease runs out ``ttl`` after it was last taken, so a crashed holder cannot keep it.
+        """
+        now = utcnow()
+        with self.engine.begin() as connection:
+            taken = connection.execute(
+                _dialect_insert(connection, leases)
+                .values(name=name, holder=holder, expires_at=now + ttl)
+                .on_conflict_do_nothing()
+            ).rowcount
+            if taken == 1:
+                return True
+            renewed = connection.execute(
+                update(leases)
+                .where(
+                    leases.c.name == name, or_(leases.c.holder == holder, leases.c.expires_at < now)
+                )
+                .values(holder=holder, expires_at=now + ttl)
+            ).rowcount
+            return renewed == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease back, if ``holder`` still holds it."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                delete(leases).where(leases.c.name == name, leases.c.holder == holder)
+            )
+
+    # --- runs ---
+
+    def start_run(self, trigger: str) -> int:
+        """Record the start of a run; return its id."""
+        with self.engine.begin() as connection:
+            return int(
+                connection.execute(
+                    insert(runs)
+                    .values(
+                        trigger=trigger,
+                        started_at=utcnow(),
+                        status="running",
+                        audiences=0,
+                        entered=0,
+                        exited=0,
+                        delivered=0,
+                        pending=0,
+                        rejected=0,
+                    )
+                    .returning(runs.c.id)
+                ).scalar_one()
+            )
+
+    def finish_run(
+        self, run_id: int, status: str, counts: RunCounts, error: str | None = None
+    ) -> None:
+        """Record how a run ended."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    finished_at=utcnow(),
+                    status=status,
+                    audiences=counts.audiences,
+                    entered=counts.entered,
+                    exited=counts.exited,
+                    delivered=counts.delivered,
+                    pending=counts.pending,
+                    rejected=counts.rejected,
+                    error=error,
+                )
+            )
+
+    # --- membership reads, for tests and inspection ---
+
+    def delivered_values(self, destination_id: int, audience_id: str) -> dict[str, str]:
+        """User -> last value one URL accepted for one audience (small audiences only)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(delivered.c.user_id, delivered.c.value).where(
+                    delivered.c.destination_id == destination_id,
+                    delivered.c.audience_id == audience_id,
+                )
+            )
+            return {row.user_id: row.value for row in rows}

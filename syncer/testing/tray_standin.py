@@ -1,0 +1,172 @@
+"""A local stand-in for Tray workflow URLs: checks signatures, records and shows what arrives.
+
+Every path on the server is a separate "workflow": ``http://127.0.0.1:PORT/a`` and ``/b`` are
+two URLs. Tests script its answers per path (statuses, delays, Retry-After); the quick start
+runs it as ``python -m syncer.testing.tray_standin`` to show what a sync sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from syncer.core.signing import sign
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the stand-in saw it."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    signature_ok: bool | None  # None: no secret configured on the stand-in
+    status: int
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The JSON body."""
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+@dataclass
+class Reply:
+    """How to answer one request."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b'{"ok":true}'
+    delay_seconds: float = 0.0
+
+
+Responder = Callable[[str, bytes], Reply]
+
+
+class TrayStandin:
+    """An HTTP server on 127.0.0.1 that plays any number of Tray workflows."""
+
+    def __init__(self, secret: str | None = None, port: int = 0, echo: bool = False) -> None:
+        self.secret = secret
+        self.echo = echo
+        self._lock = threading.Lock()
+        self._received: list[Received] = []
+        self._responders: dict[str, Responder] = {}
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                reply = standin._reply_for(self.path, body)
+                if reply.delay_seconds:
+                    time.sleep(reply.delay_seconds)
+                signature = self.headers.get("X-Signature")
+                ok = None if standin.secret is None else signature == sign(body, standin.secret)
+                record = Received(self.path, body, dict(self.headers.items()), ok, reply.status)
+                with standin._lock:
+                    standin._received.append(record)
+                if standin.echo:
+                    standin._show(record)
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _reply_for(self, path: str, body: bytes) -> Reply:
+        with self._lock:
+            responder = self._responders.get(path)
+        return responder(path, body) if responder else Reply()
+
+    @staticmethod
+    def _show(record: Received) -> None:
+        verdict = {None: "unsigned", True: "signature OK", False: "BAD SIGNATURE"}[
+            record.signature_ok
+        ]
+        message = record.message
+        traits = message.get("traits", {})
+        shown = {k: v for k, v in traits.items() if k != "email"}
+        print(
+            f"[tray {record.path}] {message.get('type')} userId={message.get('userId')} "
+            f"{json.dumps(shown)} ({verdict}) -> {record.status}",
+            flush=True,
+        )
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return int(self._server.server_address[1])
+
+    def url(self, path: str = "/") -> str:
+        """The URL of the workflow at ``path``."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def respond(self, path: str, responder: Responder | Reply) -> None:
+        """Answer requests to ``path`` with a fixed reply or a function of the body."""
+        with self._lock:
+            if isinstance(responder, Reply):
+                fixed = responder
+                self._responders[path] = lambda _path, _body: fixed
+            else:
+                self._responders[path] = responder
+
+    def received(self, path: str | None = None) -> list[Received]:
+        """Every request received (at ``path``), in arrival order."""
+        with self._lock:
+            return [r for r in self._received if path is None or r.path == path]
+
+    def clear(self) -> None:
+        """Forget what was received."""
+        with self._lock:
+            self._received.clear()
+
+    def start(self) -> TrayStandin:
+        """Serve in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> TrayStandin:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """Run a stand-in in the foreground, printing each event it receives."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--secret", default=None, help="check X-Signature against this secret")
+    arguments = parser.parse_args()
+    standin = TrayStandin(secret=arguments.secret, port=arguments.port, echo=True)
+    print(f"tray stand-in listening on {standin.url()}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        standin._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
