@@ -1,0 +1,201 @@
+"""Fixtures shared by every test: real databases, a real local HTTP stand-in for Tray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, delete, insert, text, update
+from sqlalchemy.engine import make_url
+
+from syncer.settings import Settings, settings_from_mapping
+from syncer.store.database import create_database_engine, migrate
+from syncer.store.repository import Repository
+from syncer.store.schema import audience_memberships, audiences
+from syncer.sync import SyncEngine, SyncOptions, SyncReport
+from syncer.testing.tray_standin import TrayStandin
+
+POSTGRES_URL_ENV = "SYNCER_TEST_DATABASE_URL"
+SECRET = "test-secret"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _postgres_database() -> Iterator[str]:
+    base = os.environ.get(POSTGRES_URL_ENV)
+    if not base:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set: PostgreSQL tests skipped")
+    url = make_url(base).set(drivername="postgresql+psycopg")
+    name = f"syncer_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty real database: a SQLite file, and PostgreSQL when SYNCER_TEST_DATABASE_URL is set."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'syncer.db'}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture
+def repository(database_url: str) -> Iterator[Repository]:
+    """A repository on a freshly migrated database."""
+    engine = create_database_engine(database_url)
+    migrate(engine)
+    yield Repository(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def standin() -> Iterator[TrayStandin]:
+    """A running local stand-in for Tray workflows that checks signatures against SECRET."""
+    with TrayStandin(secret=SECRET) as server:
+        yield server
+
+
+def make_settings(database_url: str, urls: list[str], **delivery: Any) -> Settings:
+    """Settings for a test: fast retries unless the test asks otherwise."""
+    delivery_settings: dict[str, Any] = {
+        "concurrency": 4,
+        "timeout_seconds": 5,
+        "max_attempts": 3,
+        "backoff_base_seconds": 0.01,
+        "backoff_max_seconds": 0.05,
+        "retry_after_max_seconds": 0.2,
+    }
+    delivery_settings.update(delivery)
+    return settings_from_mapping(
+        {
+            "database": {"url": database_url},
+            "tray": {"workflow_urls": urls, "shared_secret": SECRET},
+            "engage": {"space_id": "spa_test"},
+            "delivery": delivery_settings,
+        },
+        "test",
+        Path("."),
+    )
+
+
+class Upstream:
+    """Plays the upstream jobs: writes the input tables the syncer reads."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.engine = repository.engine
+
+    def add_audience(
+        self, audience_id: str, name: str, key: str | None = None, enabled: bool = True
+    ) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(audiences).values(id=audience_id, name=name, key=key, enabled=enabled)
+            )
+
+    def update_audience(self, audience_id: str, **values: Any) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(audiences).where(audiences.c.id == audience_id).values(**values))
+
+    def add(
+        self,
+        audience_id: str,
+        *user_ids: str,
+        anonymous_id: str | None = None,
+        email: str | None = None,
+    ) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(audience_memberships),
+                [
+                    {
+                        "audience_id": audience_id,
+                        "user_id": user_id,
+                        "anonymous_id": anonymous_id,
+                        "email": email,
+                    }
+                    for user_id in user_ids
+                ],
+            )
+
+    def remove(self, audience_id: str, *user_ids: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                delete(audience_memberships).where(
+                    audience_memberships.c.audience_id == audience_id,
+                    audience_memberships.c.user_id.in_(user_ids),
+                )
+            )
+
+    def set_members(self, audience_id: str, user_ids: set[str]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                delete(audience_memberships).where(audience_memberships.c.audience_id == audience_id)
+            )
+            if user_ids:
+                connection.execute(
+                    insert(audience_memberships),
+                    [{"audience_id": audience_id, "user_id": u} for u in sorted(user_ids)],
+                )
+
+
+@pytest.fixture
+def upstream(repository: Repository) -> Upstream:
+    """Writes audiences and memberships the way upstream jobs do."""
+    return Upstream(repository)
+
+
+def run_sync(
+    repository: Repository, urls: list[str], options: SyncOptions | None = None, **delivery: Any
+) -> SyncReport:
+    """One real sync run against real URLs."""
+    settings = make_settings(str(repository.engine.url.render_as_string(False)), urls, **delivery)
+    engine = SyncEngine(settings, repository)
+    try:
+        return engine.run(options or SyncOptions())
+    finally:
+        engine.close()
+
+
+def sent_values(standin: TrayStandin, path: str) -> list[tuple[str, str, Any]]:
+    """(userId, trait key, value) of every identify call received at ``path``, in order."""
+    result = []
+    for received in standin.received(path):
+        message = received.message
+        if message["type"] != "identify":
+            continue
+        key = message["context"]["personas"]["computation_key"]
+        result.append((message["userId"], key, message["traits"][key]))
+    return result
+
+
+def run_cli(
+    *args: str, settings: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``syncer`` command in a subprocess."""
+    command = [sys.executable, "-m", "syncer"]
+    if settings is not None:
+        command += ["--settings", str(settings)]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        command + list(args),
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )

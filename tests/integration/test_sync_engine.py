@@ -1,0 +1,89 @@
+"""The sync engine end to end: real database, real HTTP to a local stand-in."""
+
+from __future__ import annotations
+
+from syncer.core.signing import sign
+from syncer.store.repository import Repository
+from syncer.sync import SyncOptions
+from syncer.testing.tray_standin import TrayStandin
+from tests.conftest import SECRET, Upstream, run_sync, sent_values
+
+
+def test_first_sync_sends_every_member_then_only_changes(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Order Completed Last 30days")
+    upstream.add("aud_1", "u1", "u2", "u3")
+    url = standin.url("/wf")
+
+    first = run_sync(repository, [url])
+
+    assert first.fully_delivered
+    assert sorted(sent_values(standin, "/wf")) == [
+        ("u1", "order_completed_last_30days", True),
+        ("u2", "order_completed_last_30days", True),
+        ("u3", "order_completed_last_30days", True),
+    ]
+    standin.clear()
+    upstream.remove("aud_1", "u2")
+    upstream.add("aud_1", "u4")
+
+    second = run_sync(repository, [url])
+
+    assert sorted(sent_values(standin, "/wf")) == [
+        ("u2", "order_completed_last_30days", False),
+        ("u4", "order_completed_last_30days", True),
+    ]
+    assert (second.counts.entered, second.counts.exited, second.counts.delivered) == (1, 1, 2)
+    standin.clear()
+    run_sync(repository, [url])
+    assert standin.received() == []
+
+
+def test_user_who_entered_and_left_between_syncs_gets_nothing(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1")
+    run_sync(repository, [standin.url("/wf")])
+    standin.clear()
+    upstream.add("aud_1", "u2")
+    upstream.remove("aud_1", "u2")
+
+    run_sync(repository, [standin.url("/wf")])
+
+    assert standin.received() == []
+
+
+def test_request_is_the_documented_identify_call_signed_over_exact_bytes(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_9", "High-Value Customers")
+    upstream.add("aud_9", "u1", anonymous_id="a1", email="u1@example.com")
+    upstream.add("aud_9", "u2")
+
+    run_sync(repository, [standin.url("/wf")])
+
+    by_user = {r.message["userId"]: r for r in standin.received("/wf")}
+    full = by_user["u1"]
+    assert full.headers["Content-Type"] == "application/json"
+    assert full.headers["X-Signature"] == sign(full.body, SECRET)
+    assert full.signature_ok
+    message = full.message
+    assert message["type"] == "identify"
+    assert message["anonymousId"] == "a1"
+    assert message["traits"] == {"high_value_customers": True, "email": "u1@example.com"}
+    assert message["context"] == {
+        "personas": {
+            "computation_class": "audience",
+            "computation_id": "aud_9",
+            "computation_key": "high_value_customers",
+            "namespace": "spa_test",
+            "space_id": "spa_test",
+        }
+    }
+    assert message["timestamp"].endswith("Z")
+    bare = by_user["u2"].message
+    assert "anonymousId" not in bare
+    assert bare["traits"] == {"high_value_customers": True}
+    assert message["messageId"] != bare["messageId"]
