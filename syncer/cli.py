@@ -16,10 +16,13 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from syncer.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNDELIVERED, SyncerError
+from syncer.daemon import Daemon
+from syncer.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNDELIVERED, ConfigError, SyncerError
 from syncer.logs import configure_logging
+from syncer.render import print_json, print_table
 from syncer.settings import Settings, load_settings, resolve_settings_path
 from syncer.store.database import check_schema, create_database_engine, migrate, safe_url
+from syncer.store.inspection import Inspection
 from syncer.store.repository import Repository
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 
@@ -193,6 +196,207 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
             f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
             f"{totals.get((url, 'false'), 0)} exited; nothing was sent or changed"
         )
+
+
+@main.command(name="delete-user")
+@click.argument("user_ids", nargs=-1, required=True)
+@click.pass_obj
+def delete_user_command(app: App, user_ids: tuple[str, ...]) -> None:
+    """Forward privacy deletions for USER_IDS to every workflow URL, and suppress the users.
+
+    Nothing more is ever sent about a deleted user, and the syncer forgets what it told the
+    workflows about them. A URL that does not accept the delete now gets it on a later run.
+    """
+    blank = [user_id for user_id in user_ids if not user_id.strip()]
+    if blank:
+        raise ConfigError("USER_ID: a user id cannot be empty")
+    engine = SyncEngine(app.settings, app.repository())
+    try:
+        report = engine.delete_users(list(dict.fromkeys(user_ids)))
+    finally:
+        engine.close()
+    for deletion in report.deletions:
+        state = "all delivered" if not deletion.pending else f"{deletion.pending} pending"
+        click.echo(f"{deletion.url}: {deletion.delivered} delete(s) delivered, {state}")
+    if not report.fully_delivered:
+        click.echo("  undelivered deletes stay queued and are retried on the next run")
+    sys.exit(EXIT_OK if report.fully_delivered else EXIT_UNDELIVERED)
+
+
+@main.command(name="daemon")
+@click.pass_obj
+def daemon_command(app: App) -> None:
+    """Sync now, then on the [schedule], until SIGTERM or SIGINT (exit status 0).
+
+    Settings are read once at start: restart the daemon for changes to take effect.
+    """
+    settings = app.settings
+    engine = SyncEngine(settings, app.repository())
+    try:
+        code = Daemon(settings, engine).serve()
+    finally:
+        engine.close()
+    sys.exit(code)
+
+
+FORMAT_OPTION = click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Aligned table for people, or JSON for scripts.",
+)
+
+
+@main.group(name="inspect", cls=SyncerGroup)
+def inspect_group() -> None:
+    """Look at audiences, members, users, runs and failures."""
+
+
+def _inspection(app: App) -> Inspection:
+    return Inspection(app.repository().engine)
+
+
+@inspect_group.command(name="audiences")
+@FORMAT_OPTION
+@click.pass_obj
+def inspect_audiences(app: App, output_format: str) -> None:
+    """Every audience, its members, and per URL what it was told and what is pending."""
+    records = _inspection(app).audiences(app.settings.tray.workflow_urls)
+    if output_format == "json":
+        print_json(records)
+        return
+    rows = []
+    for record in records:
+        first = True
+        for per_url in record["urls"] or [{}]:
+            row = dict(per_url)
+            if first:
+                row.update({k: v for k, v in record.items() if k != "urls"})
+                if record["key"] is None:
+                    row["key"] = f"(not synced: {record['key_problem']})"
+            else:
+                row.update({k: "" for k in ("id", "name", "key", "enabled", "members")})
+            first = False
+            rows.append(row)
+    print_table(
+        rows,
+        [
+            ("ID", "id"),
+            ("NAME", "name"),
+            ("KEY", "key"),
+            ("ENABLED", "enabled"),
+            ("MEMBERS", "members"),
+            ("URL", "url"),
+            ("TOLD", "told_members"),
+            ("PENDING IN", "pending_entries"),
+            ("PENDING OUT", "pending_exits"),
+            ("REJECTED", "rejected"),
+            ("LAST SUCCESSFUL SYNC", "last_successful_sync"),
+        ],
+    )
+
+
+@inspect_group.command(name="members")
+@click.argument("audience")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@FORMAT_OPTION
+@click.pass_obj
+def inspect_members(app: App, audience: str, limit: int, output_format: str) -> None:
+    """Current members of AUDIENCE (its id or key)."""
+    inspection = _inspection(app)
+    audience_id = inspection.find_audience(audience)
+    if audience_id is None:
+        raise ConfigError(f"AUDIENCE: no audience has the id or key {audience!r}")
+    record = inspection.members(audience_id, limit)
+    if output_format == "json":
+        print_json(record)
+        return
+    print_table(
+        record["members"],
+        [("USER ID", "user_id"), ("ANONYMOUS ID", "anonymous_id"), ("EMAIL", "email"),
+         ("SUPPRESSED", "suppressed")],
+    )  # fmt: skip
+    click.echo(f"{record['shown']} of {record['total']} member(s) of {audience_id}")
+
+
+@inspect_group.command(name="user")
+@click.argument("user_id")
+@FORMAT_OPTION
+@click.pass_obj
+def inspect_user(app: App, user_id: str, output_format: str) -> None:
+    """The audiences USER_ID is in, what each URL was last told, and any deletion."""
+    record = _inspection(app).user(user_id, app.settings.tray.workflow_urls)
+    if output_format == "json":
+        print_json(record)
+        return
+    click.echo(f"user {user_id}")
+    if record["deleted"]:
+        click.echo(f"deleted (suppressed) since {record['deletion_requested_at']}")
+        print_table(
+            record["deletion_deliveries"],
+            [("URL", "url"), ("DELETE DELIVERED", "delivered_at"), ("MESSAGE ID", "message_id"),
+             ("ATTEMPTS", "attempts"), ("LAST STATUS", "last_status"),
+             ("LAST ERROR", "last_error")],
+        )  # fmt: skip
+    names = ", ".join(f"{a['id']} ({a['key'] or 'no key'})" for a in record["audiences"])
+    click.echo(f"in audiences now: {names or 'none'}")
+    if record["told"]:
+        print_table(
+            record["told"],
+            [("URL", "url"), ("KEY", "key"), ("LAST TOLD", "value"), ("WHEN", "delivered_at"),
+             ("MESSAGE ID", "message_id")],
+        )  # fmt: skip
+    if record["pending"]:
+        click.echo("not yet delivered:")
+        print_table(
+            record["pending"],
+            [("URL", "url"), ("KEY", "key"), ("VALUE", "value"), ("STATE", "status"),
+             ("ATTEMPTS", "attempts"), ("LAST STATUS", "last_status"),
+             ("MESSAGE ID", "message_id")],
+        )  # fmt: skip
+
+
+@inspect_group.command(name="runs")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@FORMAT_OPTION
+@click.pass_obj
+def inspect_runs(app: App, limit: int, output_format: str) -> None:
+    """Recent runs, newest first."""
+    records = _inspection(app).runs(limit)
+    if output_format == "json":
+        print_json(records)
+        return
+    print_table(
+        records,
+        [("RUN", "id"), ("TRIGGER", "trigger"), ("STARTED", "started_at"),
+         ("SECONDS", "duration_seconds"), ("STATUS", "status"), ("AUDIENCES", "audiences"),
+         ("ENTERED", "entered"), ("EXITED", "exited"), ("DELIVERED", "delivered"),
+         ("PENDING", "pending"), ("REJECTED", "rejected"), ("ERROR", "error")],
+    )  # fmt: skip
+
+
+@inspect_group.command(name="failures")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@FORMAT_OPTION
+@click.pass_obj
+def inspect_failures(app: App, limit: int, output_format: str) -> None:
+    """Changes and deletes not yet delivered (retrying or rejected), per URL."""
+    records = _inspection(app).failures(app.settings.tray.workflow_urls, limit)
+    if output_format == "json":
+        print_json(records)
+        return
+    if not records:
+        click.echo("no failures: every change and delete tried so far was delivered")
+        return
+    print_table(
+        records,
+        [("URL", "url"), ("TYPE", "type"), ("KEY", "key"), ("USER ID", "user_id"),
+         ("VALUE", "value"), ("STATE", "state"), ("ATTEMPTS", "attempts"),
+         ("LAST STATUS", "last_status"), ("LAST ERROR", "last_error"),
+         ("LAST ATTEMPT", "last_attempt_at")],
+    )  # fmt: skip
 
 
 def run() -> None:

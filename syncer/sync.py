@@ -1,8 +1,8 @@
 """One sync run: plan every (URL, audience) in SQL, then deliver each URL's outbox.
 
 Each workflow URL is served by its own task, so a URL that is slow or down never holds up the
-others; within a URL the audiences go one after the other, each under a lease in the database so
-that two syncers never work on the same (URL, audience) at once.
+others. Within a URL, owed privacy deletes go first, then the audiences one after the other, each
+under a lease in the database so that two syncers never work on the same (URL, audience) at once.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,6 +26,7 @@ from syncer.core.outcomes import OutcomeKind
 from syncer.core.payload import (
     Computation,
     TraitChange,
+    delete_body,
     identify_body,
     message_id,
     user_input_problem,
@@ -37,6 +39,7 @@ from syncer.settings import Settings
 from syncer.store.repository import (
     AudienceRow,
     FailedChange,
+    PendingDeletion,
     QueuedChange,
     Repository,
     RunCounts,
@@ -72,6 +75,20 @@ class PairReport:
     rejected: int = 0
     note: str = ""
 
+    @property
+    def busy(self) -> bool:
+        """True when another syncer held this pair, so this run left it alone."""
+        return self.note.startswith("busy")
+
+
+@dataclass
+class DeletionReport:
+    """What one run did with the privacy deletes owed to one URL."""
+
+    url: str
+    delivered: int = 0
+    pending: int = 0
+
 
 @dataclass
 class SyncReport:
@@ -79,6 +96,7 @@ class SyncReport:
 
     run_id: int | None
     pairs: list[PairReport] = field(default_factory=list)
+    deletions: list[DeletionReport] = field(default_factory=list)
     problems: list[KeyProblem] = field(default_factory=list)
     duration_seconds: float = 0.0
 
@@ -96,12 +114,13 @@ class SyncReport:
 
     @property
     def fully_delivered(self) -> bool:
-        """True when no change was left pending or rejected."""
+        """True when no change or delete was left pending or rejected."""
         counts = self.counts
         return (
             counts.pending == 0
             and counts.rejected == 0
-            and not any(pair.note.startswith("busy") for pair in self.pairs)
+            and not any(pair.busy for pair in self.pairs)
+            and not any(report.pending for report in self.deletions)
         )
 
 
@@ -139,7 +158,7 @@ def select_audiences(
 
 
 class SyncEngine:
-    """Runs syncs against one database and one set of workflow URLs."""
+    """Runs syncs and privacy deletes against one database and one set of workflow URLs."""
 
     def __init__(
         self,
@@ -158,15 +177,53 @@ class SyncEngine:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         workers = 1 if repository.engine.dialect.name == "sqlite" else 4
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syncer-db")
+        self._senders: list[UrlSender] = []
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[object] | None = None
 
     def close(self) -> None:
         """Stop the database worker threads."""
         self._executor.shutdown(wait=True)
 
+    def request_stop(self, grace_seconds: float | None = None) -> None:
+        """Ask a run in progress (from any thread) to send nothing new and settle what is in flight.
+
+        Requests already sent are awaited and recorded; changes not yet sent stay queued. With
+        ``grace_seconds``, a run still busy after that long is cancelled: what was answered is
+        recorded, and what was not is sent again, with the same messageId, on the next run.
+        """
+        self._stopping.set()
+        for sender in list(self._senders):
+            sender.stop()
+        loop, task = self._loop, self._task
+        if grace_seconds is not None and loop is not None and task is not None:
+            timer = threading.Timer(grace_seconds, lambda: loop.call_soon_threadsafe(task.cancel))
+            timer.daemon = True
+            timer.start()
+
     async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
         # Database calls run on worker threads so that one URL's SQL never stalls another's HTTP.
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(function, *args, **kwargs))
+
+    def _sender(self, url: str, transport: Transport) -> UrlSender:
+        delivery = self.settings.delivery
+        sender = UrlSender(
+            url,
+            transport,
+            RetryPolicy(
+                max_attempts=delivery.max_attempts,
+                backoff_base_seconds=delivery.backoff_base_seconds,
+                backoff_max_seconds=delivery.backoff_max_seconds,
+                retry_after_max_seconds=delivery.retry_after_max_seconds,
+            ),
+            self.settings.tray.secret,
+        )
+        if self._stopping.is_set():
+            sender.stop()
+        self._senders.append(sender)
+        return sender
 
     def _resolve(self, options: SyncOptions) -> tuple[list[tuple[AudienceRow, str]], SyncReport]:
         rows = self.repository.load_audiences()
@@ -195,8 +252,17 @@ class SyncEngine:
         progress: Progress | None = None,
         emit: DryRunEmitter | None = None,
     ) -> SyncReport:
-        """Run one sync to completion (or cancellation) and return what it did."""
-        return asyncio.run(self.run_async(options, progress, emit))
+        """Run one sync to completion (or until stopped) and return what it did."""
+        return asyncio.run(self._tracked(self.run_async(options, progress, emit)))
+
+    async def _tracked(self, work: Coroutine[object, object, T]) -> T:
+        # Remember the loop and task, so that request_stop can cancel from another thread.
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            return await work
+        finally:
+            self._loop = self._task = None
 
     async def run_async(
         self,
@@ -227,29 +293,40 @@ class SyncEngine:
             results = await asyncio.gather(
                 *(
                     self._sync_url(
-                        url,
+                        self._sender(url, transport),
                         destination_ids[url],
+                        report.run_id,
                         locked,
                         options,
                         namespace,
-                        transport,
                         progress or _NoProgress(),
                     )
                     for url in urls
                 )
             )
-            report.pairs = [pair for url_pairs in results for pair in url_pairs]
-            status = "ok" if report.fully_delivered else "partial"
+            for deletion_report, pair_reports in results:
+                report.deletions.append(deletion_report)
+                report.pairs.extend(pair_reports)
+            if self._stopping.is_set():
+                status = "stopped"
+            else:
+                status = "ok" if report.fully_delivered else "partial"
         except BaseException as failure:
             error = f"{type(failure).__name__}: {failure}"[:500]
             status = "cancelled" if isinstance(failure, asyncio.CancelledError) else "failed"
             raise
         finally:
+            self._senders.clear()
             await transport.aclose()
             report.duration_seconds = time.monotonic() - started
             await asyncio.shield(
                 self._db(self.repository.finish_run, report.run_id, status, report.counts, error)
             )
+        self._log_summary(report, options, status)
+        return report
+
+    @staticmethod
+    def _log_summary(report: SyncReport, options: SyncOptions, status: str) -> None:
         counts = report.counts
         log.info(
             "sync_finished",
@@ -262,10 +339,10 @@ class SyncEngine:
             delivered=counts.delivered,
             pending=counts.pending,
             rejected=counts.rejected,
+            deletes_pending=sum(d.pending for d in report.deletions),
             skipped_audiences=len(report.problems),
             duration_seconds=round(report.duration_seconds, 3),
         )
-        return report
 
     def _dry_run(
         self,
@@ -288,42 +365,89 @@ class SyncEngine:
 
     async def _sync_url(
         self,
-        url: str,
+        sender: UrlSender,
         destination_id: int,
+        run_id: int,
         audiences: list[tuple[AudienceRow, str]],
         options: SyncOptions,
         namespace: uuid.UUID,
-        transport: Transport,
         progress: Progress,
-    ) -> list[PairReport]:
-        delivery = self.settings.delivery
-        sender = UrlSender(
-            url,
-            transport,
-            RetryPolicy(
-                max_attempts=delivery.max_attempts,
-                backoff_base_seconds=delivery.backoff_base_seconds,
-                backoff_max_seconds=delivery.backoff_max_seconds,
-                retry_after_max_seconds=delivery.retry_after_max_seconds,
-            ),
-            self.settings.tray.secret,
-        )
+    ) -> tuple[DeletionReport, list[PairReport]]:
+        deletion_report = await self._deliver_deletions(sender, destination_id, namespace)
         reports = []
         for row, key in audiences:
-            report = PairReport(url=url, audience_id=row.audience_id, key=key)
+            report = PairReport(url=sender.url, audience_id=row.audience_id, key=key)
             reports.append(report)
             lease = f"pair:{destination_id}:{row.audience_id}"
             if not await self._db(self.repository.acquire_lease, lease, self._holder, LEASE_TTL):
                 report.note = "busy: another syncer is working on it"
-                log.warning("pair_busy", url=url, audience_id=row.audience_id)
+                log.warning("pair_busy", url=sender.url, audience_id=row.audience_id)
                 continue
             try:
                 await self._sync_pair(
                     sender, destination_id, row, key, options, namespace, progress, report
                 )
+                await self._db(
+                    self.repository.record_pair_result,
+                    destination_id,
+                    row.audience_id,
+                    run_id,
+                    complete=report.pending == 0 and report.rejected == 0,
+                )
             finally:
                 await asyncio.shield(self._db(self.repository.release_lease, lease, self._holder))
-        return reports
+        return deletion_report, reports
+
+    async def _deliver_deletions(
+        self, sender: UrlSender, destination_id: int, namespace: uuid.UUID
+    ) -> DeletionReport:
+        repository = self.repository
+        report = DeletionReport(url=sender.url)
+        lease = f"deletions:{destination_id}"
+        if not await self._db(repository.acquire_lease, lease, self._holder, LEASE_TTL):
+            report.pending = await self._db(repository.count_pending_deletions, destination_id)
+            return report
+
+        async def outgoing() -> AsyncIterator[Outgoing[PendingDeletion]]:
+            after = 0
+            while not sender.unavailable:
+                batch = await self._db(
+                    repository.pending_deletions,
+                    destination_id,
+                    after_id=after,
+                    limit=self.settings.delivery.batch_size,
+                )
+                if not batch:
+                    return
+                after = batch[-1].deletion_id
+                for deletion in batch:
+                    body = delete_body(
+                        deletion.user_id, deletion.deletion_id, deletion.requested_at, namespace
+                    )
+                    yield Outgoing(deletion, body)
+
+        async def record(results: list[tuple[PendingDeletion, Attempted]]) -> None:
+            accepted = [d.deletion_id for d, o in results if o.kind is OutcomeKind.DELIVERED]
+            failed = [
+                (d.deletion_id, o.attempts, o.status, o.detail)
+                for d, o in results
+                if o.kind is not OutcomeKind.DELIVERED
+            ]
+            await self._db(repository.record_deletion_outcomes, accepted, failed)
+            report.delivered += len(accepted)
+
+        try:
+            if not sender.unavailable:
+                await pump(
+                    sender,
+                    outgoing(),
+                    concurrency=self.settings.delivery.concurrency,
+                    record=record,
+                )
+            report.pending = await self._db(repository.count_pending_deletions, destination_id)
+        finally:
+            await asyncio.shield(self._db(repository.release_lease, lease, self._holder))
+        return report
 
     async def _sync_pair(
         self,
@@ -366,6 +490,25 @@ class SyncEngine:
             report.delivered += len(accepted)
             progress.advanced(sender.url, len(results))
 
+        async def skip_invalid(invalid: Sequence[FailedChange]) -> None:
+            log.warning(
+                "invalid_rows_skipped",
+                url=sender.url,
+                audience_id=row.audience_id,
+                count=len(invalid),
+                first_user_id=repr(invalid[0].change.user_id)[:80],
+                first_problem=invalid[0].error,
+            )
+            await self._db(
+                repository.record_outcomes,
+                destination_id,
+                row.audience_id,
+                accepted=[],
+                retryable=[],
+                rejected=invalid,
+            )
+            progress.advanced(sender.url, len(invalid))
+
         async def outgoing() -> AsyncIterator[Outgoing[QueuedChange]]:
             after = 0
             while not sender.unavailable:
@@ -385,35 +528,17 @@ class SyncEngine:
                     if problem is not None:
                         invalid.append(FailedChange(change, 0, None, f"invalid input: {problem}"))
                         continue
-                    body = identify_body(
-                        computation,
-                        TraitChange(
-                            change.change_id,
-                            change.user_id,
-                            change.anonymous_id,
-                            change.email,
-                            change.value,
-                            change.created_at,
-                        ),
-                        namespace,
+                    trait_change = TraitChange(
+                        change.change_id,
+                        change.user_id,
+                        change.anonymous_id,
+                        change.email,
+                        change.value,
+                        change.created_at,
                     )
-                    yield Outgoing(change, body)
+                    yield Outgoing(change, identify_body(computation, trait_change, namespace))
                 if invalid:
-                    log.warning(
-                        "invalid_rows_skipped",
-                        audience_id=row.audience_id,
-                        count=len(invalid),
-                        first=invalid[0].error,
-                    )
-                    await self._db(
-                        repository.record_outcomes,
-                        destination_id,
-                        row.audience_id,
-                        accepted=[],
-                        retryable=[],
-                        rejected=invalid,
-                    )
-                    progress.advanced(sender.url, len(invalid))
+                    await skip_invalid(invalid)
                 # Renewing once a batch keeps the lease alive however long the pair takes.
                 await self._db(repository.acquire_lease, lease, self._holder, LEASE_TTL)
 
@@ -427,5 +552,43 @@ class SyncEngine:
         remaining = await self._db(repository.queued_counts, destination_id, row.audience_id)
         report.rejected = await self._db(repository.rejected_count, destination_id, row.audience_id)
         report.pending = remaining.entered + remaining.exited - report.rejected
-        if sender.unavailable:
+        if sender.down:
             report.note = "URL unavailable this run; changes kept for the next run"
+        elif sender.stopped and report.pending:
+            report.note = "stopped before sending; changes kept for the next run"
+
+    def delete_users(self, user_ids: Sequence[str]) -> SyncReport:
+        """Record privacy deletions, then deliver the deletes to every URL now.
+
+        A URL that does not accept its delete now gets it on a later run: the debt is in the
+        database, so a deletion is never lost.
+        """
+        return asyncio.run(self._tracked(self._delete_users(user_ids)))
+
+    async def _delete_users(self, user_ids: Sequence[str]) -> SyncReport:
+        started = time.monotonic()
+        urls = self.settings.tray.workflow_urls
+        destination_ids = await self._db(self.repository.ensure_destinations, urls)
+        await self._db(
+            self.repository.suppress_users, list(user_ids), list(destination_ids.values())
+        )
+        log.info("users_deleted", count=len(user_ids))
+        namespace = await self._db(self.repository.message_namespace)
+        transport = self._transport_factory()
+        try:
+            deletion_reports = await asyncio.gather(
+                *(
+                    self._deliver_deletions(
+                        self._sender(url, transport), destination_ids[url], namespace
+                    )
+                    for url in urls
+                )
+            )
+        finally:
+            self._senders.clear()
+            await transport.aclose()
+        return SyncReport(
+            run_id=None,
+            deletions=list(deletion_reports),
+            duration_seconds=time.monotonic() - started,
+        )

@@ -26,13 +26,14 @@ def format_timestamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def message_id(namespace: uuid.UUID, change_id: int) -> str:
-    """The messageId of one change: stable for its retries, never shared by another change.
+def message_id(namespace: uuid.UUID, change_id: int, kind: str = "change") -> str:
+    """The messageId of one message: stable for its retries, never shared by another message.
 
-    Change ids are never reused within a database, and the namespace is drawn at random when the
-    database is created, so two installations do not produce the same ids either.
+    Ids are never reused within a database and ``kind`` keeps identify changes apart from
+    deletes; the namespace is drawn at random when the database is created, so two
+    installations do not produce the same ids either.
     """
-    return str(uuid.uuid5(namespace, f"change:{change_id}"))
+    return str(uuid.uuid5(namespace, f"{kind}:{change_id}"))
 
 
 def user_input_problem(user_id: str, anonymous_id: str | None, email: str | None) -> str | None:
@@ -108,6 +109,6 @@ def delete_body(user_id: str, change_id: int, created_at: datetime, namespace: u
             "type": "delete",
             "userId": user_id,
             "timestamp": format_timestamp(created_at),
-            "messageId": message_id(namespace, change_id),
+            "messageId": message_id(namespace, change_id, "delete"),
         }
     )

@@ -9,9 +9,14 @@ from dataclasses import dataclass
 
 import inflection
 
-KEY_PATTERN = re.compile(r"^[a-z0-9_]+$")
+KEY_PATTERN = re.compile(r"[a-z0-9_]+")
 _APOSTROPHES = re.compile(r"['\u2019\u02bc\u2018`]")
 _NON_ALNUM_RUN = re.compile(r"[^a-z0-9]+")
+# Letters that Unicode decomposition cannot reduce to ASCII, spelled as people spell them.
+_LIGATURES = str.maketrans(
+    {"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
+     "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "TH", "ð": "d", "Ð": "D"}
+)  # fmt: skip
 
 
 def derive_key(name: str) -> str:
@@ -21,7 +26,8 @@ def derive_key(name: str) -> str:
     every run of other non-alphanumeric characters into one underscore, trimmed at both ends.
     The result may be empty (a name of only symbols); callers treat that as a problem.
     """
-    ascii_name = inflection.transliterate(_APOSTROPHES.sub("", name)).lower()
+    spelled = _APOSTROPHES.sub("", name).translate(_LIGATURES)
+    ascii_name = inflection.transliterate(spelled).lower()
     return _NON_ALNUM_RUN.sub("_", ascii_name).strip("_")
 
 
@@ -69,7 +75,7 @@ def resolve_keys(audiences: Iterable[AudienceIdentity], locked: Mapping[str, str
             keys[audience.audience_id] = locked[audience.audience_id]
             continue
         if audience.explicit_key is not None:
-            if not KEY_PATTERN.match(audience.explicit_key):
+            if not KEY_PATTERN.fullmatch(audience.explicit_key):
                 problems.append(
                     KeyProblem(
                         audience.audience_id,

@@ -52,7 +52,8 @@ class UrlSender:
         self, url: str, transport: Transport, policy: RetryPolicy, secret: str | None
     ) -> None:
         self.url = url
-        self.unavailable = False
+        self.down = False
+        self.stopped = False
         self._transport = transport
         self._policy = policy
         self._secret = secret
@@ -67,6 +68,15 @@ class UrlSender:
             retry_after=retry_after,
             retry_after_cap=self._policy.retry_after_max_seconds,
         )
+
+    @property
+    def unavailable(self) -> bool:
+        """True once the URL is down for this run, or the run is stopping: send nothing new."""
+        return self.down or self.stopped
+
+    def stop(self) -> None:
+        """Take no new work and make no further retries; requests in flight finish."""
+        self.stopped = True
 
     def _stop(self, state: RetryCallState) -> bool:
         return self.unavailable or state.attempt_number >= self._policy.max_attempts
@@ -95,8 +105,8 @@ class UrlSender:
         )
         response: Response = await retrying(attempt)
         outcome = _attempted(response, attempts)
-        if outcome.kind is OutcomeKind.RETRYABLE:
-            self.unavailable = True
+        if outcome.kind is OutcomeKind.RETRYABLE and not self.stopped:
+            self.down = True
         return outcome
 
 

@@ -39,11 +39,14 @@ from syncer.store.schema import (
     audience_keys,
     audience_memberships,
     audiences,
+    deleted_users,
+    deletions,
     delivered,
     destinations,
     leases,
     meta,
     outbox,
+    pair_state,
     runs,
 )
 
@@ -76,6 +79,15 @@ class QueuedChange:
     anonymous_id: str | None
     email: str | None
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class PendingDeletion:
+    """A delete message one URL has not accepted yet."""
+
+    deletion_id: int
+    user_id: str
+    requested_at: datetime
 
 
 @dataclass(frozen=True)
@@ -204,6 +216,10 @@ class Repository:
         )
 
     @staticmethod
+    def _suppressed(user_id: Any) -> ColumnElement[bool]:
+        return exists().where(deleted_users.c.user_id == user_id)
+
+    @staticmethod
     def _queued(destination_id: int, audience_id: str, user_id: Any) -> ColumnElement[bool]:
         return exists().where(
             outbox.c.destination_id == destination_id,
@@ -223,7 +239,7 @@ class Repository:
         )
         member = self._is_member(audience_id, outbox.c.user_id)
         told_true = self._delivered_true(destination_id, audience_id, outbox.c.user_id)
-        keep_entry = and_(outbox.c.value == TRUE, member)
+        keep_entry = and_(outbox.c.value == TRUE, member, not_(self._suppressed(outbox.c.user_id)))
         if not full:
             keep_entry = and_(keep_entry, or_(outbox.c.forced, not_(told_true)))
         keep_exit = and_(outbox.c.value == FALSE, not_(member), told_true)
@@ -247,6 +263,7 @@ class Repository:
         ).where(
             m.c.audience_id == audience_id,
             not_(self._queued(destination_id, audience_id, m.c.user_id)),
+            not_(self._suppressed(m.c.user_id)),
         )
         if not full:
             entries = entries.where(
@@ -318,7 +335,7 @@ class Repository:
         """
         m = audience_memberships
         entries = select(m.c.user_id, literal(TRUE, Text).label("value")).where(
-            m.c.audience_id == audience_id
+            m.c.audience_id == audience_id, not_(self._suppressed(m.c.user_id))
         )
         if destination_id is None:
             statement: Any = entries.order_by(m.c.user_id)
@@ -438,6 +455,116 @@ class Repository:
                             "error": failure.error,
                         }
                         for failure in failures
+                    ],
+                )
+
+    def record_pair_result(
+        self, destination_id: int, audience_id: str, run_id: int, *, complete: bool
+    ) -> None:
+        """Note that a run worked on a (URL, audience), and whether it left nothing queued."""
+        now = utcnow()
+        with self.engine.begin() as connection:
+            statement = _dialect_insert(connection, pair_state).values(
+                destination_id=destination_id,
+                audience_id=audience_id,
+                last_run_id=run_id,
+                last_attempt_at=now,
+                last_success_at=now if complete else None,
+            )
+            updates: dict[str, Any] = {"last_run_id": run_id, "last_attempt_at": now}
+            if complete:
+                updates["last_success_at"] = now
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["destination_id", "audience_id"], set_=updates
+                )
+            )
+
+    # --- privacy deletions ---
+
+    def suppress_users(self, user_ids: Sequence[str], destination_ids: Sequence[int]) -> None:
+        """Record deletions: suppress the users, owe each URL a delete, forget what was told.
+
+        Idempotent: deleting a user twice owes no URL a second delete message.
+        """
+        now = utcnow()
+        with self.engine.begin() as connection:
+            connection.execute(
+                _dialect_insert(connection, deleted_users).on_conflict_do_nothing(),
+                [{"user_id": user_id, "requested_at": now} for user_id in user_ids],
+            )
+            connection.execute(
+                _dialect_insert(connection, deletions).on_conflict_do_nothing(),
+                [
+                    {
+                        "user_id": user_id,
+                        "destination_id": destination_id,
+                        "requested_at": now,
+                        "attempts": 0,
+                    }
+                    for user_id in user_ids
+                    for destination_id in destination_ids
+                ],
+            )
+            connection.execute(delete(delivered).where(delivered.c.user_id.in_(user_ids)))
+            connection.execute(delete(outbox).where(outbox.c.user_id.in_(user_ids)))
+
+    def pending_deletions(
+        self, destination_id: int, *, after_id: int, limit: int
+    ) -> list[PendingDeletion]:
+        """The next deletes one URL has not accepted yet, by id."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(deletions.c.id, deletions.c.user_id, deletions.c.requested_at)
+                .where(
+                    deletions.c.destination_id == destination_id,
+                    deletions.c.delivered_at.is_(None),
+                    deletions.c.id > after_id,
+                )
+                .order_by(deletions.c.id)
+                .limit(limit)
+            ).all()
+        return [PendingDeletion(*row) for row in rows]
+
+    def count_pending_deletions(self, destination_id: int) -> int:
+        """How many deletes one URL still has to accept."""
+        with self.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    select(func.count()).where(
+                        deletions.c.destination_id == destination_id,
+                        deletions.c.delivered_at.is_(None),
+                    )
+                ).scalar_one()
+            )
+
+    def record_deletion_outcomes(
+        self, accepted: Sequence[int], failed: Sequence[tuple[int, int, int | None, str]]
+    ) -> None:
+        """Mark deletes accepted, or note the attempts, status and error of those that were not."""
+        now = utcnow()
+        with self.engine.begin() as connection:
+            if accepted:
+                connection.execute(
+                    update(deletions)
+                    .where(deletions.c.id.in_(accepted))
+                    .values(
+                        delivered_at=now, last_attempt_at=now, attempts=deletions.c.attempts + 1
+                    )
+                )
+            if failed:
+                connection.execute(
+                    update(deletions)
+                    .where(deletions.c.id == bindparam("deletion_id"))
+                    .values(
+                        attempts=deletions.c.attempts + bindparam("tries", type_=Integer),
+                        last_status=bindparam("http_status", type_=Integer),
+                        last_error=bindparam("error", type_=Text),
+                        last_attempt_at=now,
+                    ),
+                    [
+                        {"deletion_id": i, "tries": t, "http_status": st, "error": e}
+                        for i, t, st, e in failed
                     ],
                 )
 

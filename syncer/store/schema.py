@@ -140,3 +140,40 @@ leases = Table(
     Column("holder", Text, nullable=False),
     Column("expires_at", DateTime, nullable=False),
 )
+
+# Users deleted for privacy: nothing more is ever sent about them, whatever upstream still says.
+deleted_users = Table(
+    "syncer_deleted_users",
+    metadata,
+    Column("user_id", Text, primary_key=True),
+    Column("requested_at", DateTime, nullable=False),
+)
+
+# The delete message owed to each URL for each deleted user, and whether the URL accepted it.
+deletions = Table(
+    "syncer_deletions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("user_id", Text, nullable=False),
+    Column("destination_id", Integer, ForeignKey("syncer_destinations.id"), nullable=False),
+    Column("requested_at", DateTime, nullable=False),
+    Column("delivered_at", DateTime, nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("last_status", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("last_attempt_at", DateTime, nullable=True),
+    UniqueConstraint("user_id", "destination_id", name="uq_syncer_deletions_user_destination"),
+    sqlite_autoincrement=True,
+)
+
+# Per (URL, audience): when a run last left nothing queued for it.
+pair_state = Table(
+    "syncer_pair_state",
+    metadata,
+    Column("destination_id", Integer, ForeignKey("syncer_destinations.id"), nullable=False),
+    Column("audience_id", Text, nullable=False),
+    Column("last_run_id", BigInteger().with_variant(Integer(), "sqlite"), nullable=True),
+    Column("last_attempt_at", DateTime, nullable=True),
+    Column("last_success_at", DateTime, nullable=True),
+    PrimaryKeyConstraint("destination_id", "audience_id"),
+)

@@ -1,0 +1,93 @@
+"""``syncer daemon``: a sync at start, then on the schedule, until SIGTERM or SIGINT.
+
+A thin APScheduler 3 wrapper around :class:`syncer.sync.SyncEngine`: the scheduler only decides
+when; every run is the same tested function a manual ``syncer sync`` calls.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from datetime import UTC, datetime
+from types import FrameType
+
+import structlog
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from syncer.settings import Settings
+from syncer.sync import SyncEngine, SyncOptions
+
+log = structlog.get_logger("syncer.daemon")
+
+# On a stop signal, requests in flight get this long to be answered and recorded before the
+# run is cancelled; what is then unanswered is sent again (same messageId) on the next run.
+STOP_GRACE_SECONDS = 6.0
+STOP_DEADLINE_SECONDS = 9.5
+
+
+def make_trigger(settings: Settings) -> IntervalTrigger | CronTrigger:
+    """The APScheduler trigger for ``[schedule]``: an interval, or a cron expression in UTC."""
+    if settings.schedule.cron is not None:
+        return CronTrigger.from_crontab(settings.schedule.cron, timezone=UTC)
+    seconds = settings.schedule.interval_seconds or 900.0
+    return IntervalTrigger(seconds=seconds, timezone=UTC)
+
+
+class Daemon:
+    """Runs syncs on a schedule, never two at once, and stops cleanly on a signal."""
+
+    def __init__(self, settings: Settings, engine: SyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.stopping = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.scheduler = BlockingScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+
+    def run_once(self) -> None:
+        """One scheduled run; a failure is logged and the schedule goes on."""
+        if self.stopping.is_set():
+            return
+        self.idle.clear()
+        try:
+            self.engine.run(SyncOptions(trigger="schedule"))
+        except BaseException as error:  # a failed or cancelled run must never stop the daemon
+            if self.stopping.is_set():
+                log.info("sync_stopped", reason=f"{type(error).__name__}")
+            else:
+                log.error("sync_failed", error=f"{type(error).__name__}: {error}"[:500])
+        finally:
+            self.idle.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping.is_set():
+            return
+        log.info("daemon_stopping", signal=signal.Signals(signum).name)
+        self.stopping.set()
+        self.engine.request_stop(grace_seconds=STOP_GRACE_SECONDS)
+        self.scheduler.shutdown(wait=False)
+
+    def serve(self) -> int:
+        """Block until stopped by SIGTERM or SIGINT; return the exit status (0)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        trigger = make_trigger(self.settings)
+        self.scheduler.add_job(
+            self.run_once, trigger, id="sync", name="sync", next_run_time=datetime.now(UTC)
+        )
+        log.info(
+            "daemon_started",
+            cron=self.settings.schedule.cron,
+            interval_seconds=self.settings.schedule.interval_seconds,
+            urls=len(self.settings.tray.workflow_urls),
+        )
+        self.scheduler.start()
+        if not self.idle.wait(STOP_DEADLINE_SECONDS):
+            log.warning("daemon_stop_deadline_passed")
+        log.info("daemon_stopped")
+        return 0

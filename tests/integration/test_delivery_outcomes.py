@@ -1,0 +1,619 @@
+"""What each kind of answer from a workflow URL does to a run, end to end.
+
+Real database, real HTTP to the local stand-in: retries within a run and across runs, final
+refusals, redirects, timeouts, slow and failing URLs beside healthy ones, URLs added later, and
+the run options (full, one audience, dry run), audience keys and invalid input rows.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData, select
+
+from syncer.store.repository import Repository
+from syncer.sync import SyncEngine, SyncOptions
+from syncer.testing.tray_standin import Received, Reply, TrayStandin
+from tests.conftest import SECRET, Upstream, make_settings, run_sync, sent_values
+
+RETRYABLE_STATUSES = [500, 502, 503, 429, 408, 423]
+FINAL_STATUSES = [400, 404, 422]
+
+
+@dataclass
+class Arrival:
+    """One request as a responder function saw it, the moment it arrived."""
+
+    at: float
+    path: str
+    user_id: str
+    message_id: str
+    body: bytes
+
+
+@dataclass
+class Script:
+    """A responder function that records arrivals and answers with ``decide(arrival, n)``.
+
+    ``n`` counts the requests this script has seen at the arrival's path, from 1.
+    """
+
+    decide: Callable[[Arrival, int], Reply] = field(default=lambda _arrival, _n: Reply())
+    arrivals: list[Arrival] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, path: str, body: bytes) -> Reply:
+        message = json.loads(body)
+        arrival = Arrival(time.monotonic(), path, message["userId"], message["messageId"], body)
+        with self._lock:
+            self.arrivals.append(arrival)
+            seen = sum(1 for a in self.arrivals if a.path == path)
+        return self.decide(arrival, seen)
+
+    def at(self, path: str) -> list[Arrival]:
+        with self._lock:
+            return [a for a in self.arrivals if a.path == path]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (bound, read, and closed again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def by_user(received: list[Received]) -> dict[str, list[Received]]:
+    """Requests grouped by userId, in arrival order."""
+    grouped: dict[str, list[Received]] = {}
+    for item in received:
+        grouped.setdefault(item.message["userId"], []).append(item)
+    return grouped
+
+
+def values(standin: TrayStandin, path: str) -> dict[str, Any]:
+    """userId -> trait value of the identify calls at ``path`` (each user expected once)."""
+    sent = sent_values(standin, path)
+    users = [user for user, _key, _value in sent]
+    assert len(users) == len(set(users)), f"a user was sent twice: {sent}"
+    return {user: value for user, _key, value in sent}
+
+
+def destination_id(repository: Repository, url: str) -> int:
+    return repository.find_destinations([url])[url]
+
+
+def snapshot(repository: Repository) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table in the database, for before/after comparisons."""
+    reflected = MetaData()
+    reflected.reflect(bind=repository.engine)
+    with repository.engine.connect() as connection:
+        return {
+            name: sorted((tuple(row) for row in connection.execute(select(table))), key=repr)
+            for name, table in reflected.tables.items()
+            if name != "alembic_version"
+        }
+
+
+# --- retryable answers ---
+
+
+@pytest.mark.parametrize("status", RETRYABLE_STATUSES)
+def test_retryable_status_is_retried_then_left_pending_and_delivered_later_unchanged(
+    repository: Repository, upstream: Upstream, standin: TrayStandin, status: int
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2")
+    url = standin.url("/wf")
+    standin.respond("/wf", Reply(status=status))
+
+    failed = run_sync(repository, [url], max_attempts=3, concurrency=1)
+
+    attempts = standin.received("/wf")
+    # The first change uses up its three attempts; the URL then counts as down for this run.
+    assert len(attempts) == 3
+    assert len({item.body for item in attempts}) == 1
+    assert all(item.status == status for item in attempts)
+    assert not failed.fully_delivered
+    assert failed.counts.pending == 2
+    assert failed.counts.delivered == 0
+    assert failed.counts.rejected == 0
+    assert repository.delivered_values(destination_id(repository, url), "aud_1") == {}
+    first_body = attempts[0].body
+    first_user = attempts[0].message["userId"]
+
+    standin.clear()
+    standin.respond("/wf", Reply(status=200))
+    recovered = run_sync(repository, [url], max_attempts=3, concurrency=1)
+
+    assert recovered.fully_delivered
+    assert recovered.counts.pending == 0
+    assert recovered.counts.delivered == 2
+    later = by_user(standin.received("/wf"))
+    assert sorted(later) == ["u1", "u2"]
+    assert [item.body for item in later[first_user]] == [first_body]
+    assert later[first_user][0].message["messageId"] == attempts[0].message["messageId"]
+    assert all(item.signature_ok for items in later.values() for item in items)
+    assert repository.delivered_values(destination_id(repository, url), "aud_1") == {
+        "u1": "true",
+        "u2": "true",
+    }
+
+
+def test_retried_exit_keeps_its_message_id_across_failing_runs(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2")
+    url = standin.url("/wf")
+    run_sync(repository, [url])
+    upstream.remove("aud_1", "u1")
+    standin.clear()
+    standin.respond("/wf", Reply(status=503))
+
+    run_sync(repository, [url], max_attempts=2)
+    run_sync(repository, [url], max_attempts=2)
+
+    failing = standin.received("/wf")
+    assert len(failing) == 4
+    assert {item.body for item in failing} == {failing[0].body}
+    assert failing[0].message["traits"] == {"buyers": False}
+    standin.clear()
+    standin.respond("/wf", Reply(status=200))
+    run_sync(repository, [url])
+    assert [item.body for item in standin.received("/wf")] == [failing[0].body]
+
+
+def test_connection_refused_is_retryable_and_delivered_once_the_url_listens(
+    repository: Repository, upstream: Upstream
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2", "u3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/wf"
+
+    started = time.monotonic()
+    failed = run_sync(repository, [url], max_attempts=3)
+
+    assert time.monotonic() - started < 5
+    assert not failed.fully_delivered
+    assert failed.counts.pending == 3
+    assert failed.counts.rejected == 0
+    assert failed.counts.delivered == 0
+    assert failed.pairs and failed.pairs[0].note.startswith("URL unavailable")
+
+    with TrayStandin(secret=SECRET, port=port) as late:
+        recovered = run_sync(repository, [url])
+        assert recovered.fully_delivered
+        assert values(late, "/wf") == {"u1": True, "u2": True, "u3": True}
+        assert all(item.signature_ok for item in late.received())
+
+
+# --- Retry-After ---
+
+
+def test_retry_after_is_honoured_when_the_cap_allows(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1")
+    script = Script(
+        lambda _a, n: Reply(status=429, headers={"Retry-After": "1"}) if n == 1 else Reply()
+    )
+    standin.respond("/wf", script)
+
+    report = run_sync(
+        repository,
+        [standin.url("/wf")],
+        max_attempts=3,
+        backoff_base_seconds=0.01,
+        backoff_max_seconds=0.02,
+        retry_after_max_seconds=5,
+    )
+
+    assert report.fully_delivered
+    first, second = script.at("/wf")
+    assert second.at - first.at >= 0.9
+    assert second.body == first.body
+
+
+def test_retry_after_is_capped_by_retry_after_max_seconds(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1")
+    script = Script(lambda _a, _n: Reply(status=429, headers={"Retry-After": "30"}))
+    standin.respond("/wf", script)
+
+    started = time.monotonic()
+    report = run_sync(
+        repository,
+        [standin.url("/wf")],
+        max_attempts=3,
+        backoff_base_seconds=0.01,
+        backoff_max_seconds=0.02,
+        retry_after_max_seconds=0.2,
+    )
+
+    assert time.monotonic() - started < 5
+    assert report.counts.pending == 1
+    arrivals = script.at("/wf")
+    assert len(arrivals) == 3
+    gaps = [later.at - earlier.at for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    # The server's wish is followed up to the cap (0.2 s, far above the 0.02 s backoff)...
+    assert all(gap >= 0.18 for gap in gaps), gaps
+    # ...and no further.
+    assert all(gap < 2 for gap in gaps), gaps
+
+
+# --- final answers ---
+
+
+@pytest.mark.parametrize("status", FINAL_STATUSES)
+def test_final_status_is_not_retried_not_recorded_as_told_and_resent_next_run(
+    repository: Repository, upstream: Upstream, standin: TrayStandin, status: int
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "bad", "good1", "good2")
+    url = standin.url("/wf")
+    standin.respond(
+        "/wf", Script(lambda a, _n: Reply(status=status) if a.user_id == "bad" else Reply())
+    )
+
+    first = run_sync(repository, [url], max_attempts=3)
+
+    sent = by_user(standin.received("/wf"))
+    assert len(sent["bad"]) == 1
+    assert sent["bad"][0].status == status
+    assert [len(sent["good1"]), len(sent["good2"])] == [1, 1]
+    assert first.counts.rejected == 1
+    assert first.counts.delivered == 2
+    assert not first.fully_delivered
+    assert repository.delivered_values(destination_id(repository, url), "aud_1") == {
+        "good1": "true",
+        "good2": "true",
+    }
+
+    standin.clear()
+    standin.respond("/wf", Reply(status=200))
+    second = run_sync(repository, [url], max_attempts=3)
+
+    again = standin.received("/wf")
+    assert [item.message["userId"] for item in again] == ["bad"]
+    assert again[0].body == sent["bad"][0].body
+    assert again[0].message["messageId"] == sent["bad"][0].message["messageId"]
+    assert second.fully_delivered
+    assert second.counts.rejected == 0
+
+
+def test_redirect_is_not_followed_and_counts_as_rejected(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1")
+    standin.respond("/wf", Reply(status=302, headers={"Location": standin.url("/elsewhere")}))
+
+    report = run_sync(repository, [standin.url("/wf")], max_attempts=3)
+
+    assert len(standin.received("/wf")) == 1
+    assert standin.received("/elsewhere") == []
+    assert report.counts.rejected == 1
+    assert report.counts.delivered == 0
+    assert not report.fully_delivered
+
+
+# --- several URLs ---
+
+
+def test_failing_url_does_not_hold_back_a_healthy_one_and_later_gets_the_net_change(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2", "u3")
+    healthy, failing = standin.url("/ok"), standin.url("/down")
+    run_sync(repository, [healthy, failing])
+    standin.clear()
+    standin.respond("/down", Reply(status=503))
+
+    upstream.add("aud_1", "u4", "u5")
+    upstream.remove("aud_1", "u1")
+    during = run_sync(repository, [healthy, failing], max_attempts=2)
+
+    assert values(standin, "/ok") == {"u1": False, "u4": True, "u5": True}
+    assert not during.fully_delivered
+    assert sum(pair.delivered for pair in during.pairs if pair.url == healthy) == 3
+    assert sum(pair.pending for pair in during.pairs if pair.url == failing) == 3
+    standin.clear()
+
+    upstream.remove("aud_1", "u4", "u2")
+    run_sync(repository, [healthy, failing], max_attempts=2)
+
+    assert values(standin, "/ok") == {"u2": False, "u4": False}
+    standin.clear()
+    standin.respond("/down", Reply(status=200))
+
+    after = run_sync(repository, [healthy, failing])
+
+    assert after.fully_delivered
+    assert values(standin, "/ok") == {}
+    # u4 entered and left while the URL was down: it hears nothing of u4.
+    assert values(standin, "/down") == {"u1": False, "u2": False, "u5": True}
+    assert repository.delivered_values(destination_id(repository, failing), "aud_1") == {
+        "u1": "false",
+        "u2": "false",
+        "u3": "true",
+        "u5": "true",
+    }
+
+
+def test_url_added_later_gets_the_current_membership_and_no_exits(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2", "u3")
+    old, new = standin.url("/old"), standin.url("/new")
+    run_sync(repository, [old])
+    standin.clear()
+    upstream.remove("aud_1", "u1")
+    upstream.add("aud_1", "u4")
+
+    report = run_sync(repository, [old, new])
+
+    assert report.fully_delivered
+    assert values(standin, "/old") == {"u1": False, "u4": True}
+    assert values(standin, "/new") == {"u2": True, "u3": True, "u4": True}
+
+
+def test_timeout_is_retryable_and_the_run_finishes_promptly(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1")
+    url = standin.url("/slow")
+    script = Script(lambda _a, _n: Reply(delay_seconds=2))
+    standin.respond("/slow", script)
+
+    started = time.monotonic()
+    report = run_sync(repository, [url], max_attempts=2, timeout_seconds=0.5)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.9, elapsed
+    assert len(script.at("/slow")) == 2
+    assert report.counts.pending == 1
+    assert report.counts.rejected == 0
+    assert not report.fully_delivered
+    first_body = script.at("/slow")[0].body
+
+    script.decide = lambda _a, _n: Reply()
+    recovered = run_sync(repository, [url], max_attempts=2, timeout_seconds=0.5)
+
+    assert recovered.fully_delivered
+    assert script.at("/slow")[-1].body == first_body
+
+
+def test_slow_url_does_not_delay_a_fast_one(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    members = [f"u{n}" for n in range(8)]
+    upstream.add("aud_1", *members)
+    script = Script(lambda a, _n: Reply(delay_seconds=0.3) if a.path == "/slow" else Reply())
+    standin.respond("/slow", script)
+    # The fast workflow lives on a server of its own, so that neither server's listen backlog
+    # (five on the stand-in) can be what holds anything up.
+    with TrayStandin(secret=SECRET) as other:
+        other.respond("/fast", script)
+
+        report = run_sync(repository, [standin.url("/slow"), other.url("/fast")], concurrency=4)
+
+    assert report.fully_delivered
+    slow, fast = script.at("/slow"), script.at("/fast")
+    assert len(slow) == len(fast) == len(members)
+    slow_finished = max(a.at for a in slow) + 0.3
+    fast_done = max(a.at for a in fast)
+    assert fast_done < slow_finished
+    # Stronger, and what "not delayed" means: the fast URL does not wait for a connection, a
+    # worker or anything else the slow URL holds, so all of it arrives before the slow URL has
+    # answered even its first request.
+    assert fast_done < slow[0].at + 0.3, (
+        f"the fast URL's first request came {fast[0].at - slow[0].at:.3f}s and its last "
+        f"{fast_done - slow[0].at:.3f}s after the slow URL's first (each slow answer takes 0.3s)"
+    )
+
+
+# --- audiences: enabled, keys ---
+
+
+def test_disabled_audience_is_skipped_and_keeps_its_state(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add_audience("aud_2", "Browsers")
+    upstream.add("aud_1", "u1", "u2")
+    upstream.add("aud_2", "b1")
+    url = standin.url("/wf")
+    run_sync(repository, [url])
+    standin.clear()
+
+    upstream.update_audience("aud_1", enabled=False)
+    upstream.remove("aud_1", "u1")
+    upstream.add("aud_1", "u3")
+    upstream.add("aud_2", "b2")
+    skipped = run_sync(repository, [url])
+
+    assert sent_values(standin, "/wf") == [("b2", "browsers", True)]
+    assert {pair.audience_id for pair in skipped.pairs} == {"aud_2"}
+    assert repository.delivered_values(destination_id(repository, url), "aud_1") == {
+        "u1": "true",
+        "u2": "true",
+    }
+    standin.clear()
+
+    upstream.update_audience("aud_1", enabled=True)
+    run_sync(repository, [url])
+
+    assert sorted(sent_values(standin, "/wf")) == [
+        ("u1", "buyers", False),
+        ("u3", "buyers", True),
+    ]
+
+
+def test_renamed_audience_keeps_its_key(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1")
+    url = standin.url("/wf")
+    run_sync(repository, [url])
+    standin.clear()
+
+    upstream.update_audience("aud_1", name="Big Spenders")
+    upstream.add("aud_1", "u2")
+    report = run_sync(repository, [url])
+
+    assert report.problems == []
+    assert sent_values(standin, "/wf") == [("u2", "buyers", True)]
+    standin.clear()
+
+    # A new audience whose name gives the key still held by aud_1 must not take it over.
+    upstream.add_audience("aud_2", "Buyers")
+    upstream.add("aud_2", "x1")
+    upstream.add("aud_1", "u3")
+    report = run_sync(repository, [url])
+
+    assert sent_values(standin, "/wf") == [("u3", "buyers", True)]
+    assert [problem.audience_id for problem in report.problems] == ["aud_2"]
+
+
+def test_audiences_with_colliding_keys_are_not_synced_and_named_in_problems(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_a", "VIP's")
+    upstream.add_audience("aud_b", "vips")
+    upstream.add_audience("aud_c", "Buyers")
+    upstream.add("aud_a", "a1")
+    upstream.add("aud_b", "b1")
+    upstream.add("aud_c", "c1")
+
+    report = run_sync(repository, [standin.url("/wf")])
+
+    assert sent_values(standin, "/wf") == [("c1", "buyers", True)]
+    assert {problem.audience_id for problem in report.problems} == {"aud_a", "aud_b"}
+    assert all("vips" in problem.reason for problem in report.problems)
+    assert {pair.audience_id for pair in report.pairs} == {"aud_c"}
+
+
+# --- run options ---
+
+
+def test_full_sync_resends_every_member_and_pending_exits(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2", "u3", "u4")
+    url = standin.url("/wf")
+    run_sync(repository, [url])
+    upstream.remove("aud_1", "u4")
+    run_sync(repository, [url])
+    upstream.remove("aud_1", "u3")
+    standin.respond("/wf", Reply(status=503))
+    run_sync(repository, [url], max_attempts=1)
+    standin.clear()
+    standin.respond("/wf", Reply(status=200))
+
+    report = run_sync(repository, [url], SyncOptions(full=True))
+
+    assert report.fully_delivered
+    # u4's exit was delivered before: a full sync does not repeat it.
+    assert values(standin, "/wf") == {"u1": True, "u2": True, "u3": False}
+    standin.clear()
+    run_sync(repository, [url])
+    assert standin.received() == []
+
+
+def test_audience_option_syncs_only_that_audience_by_id_or_key(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add_audience("aud_2", "Browsers")
+    upstream.add("aud_1", "u1")
+    upstream.add("aud_2", "b1")
+    url = standin.url("/wf")
+
+    by_id = run_sync(repository, [url], SyncOptions(audience="aud_2"))
+
+    assert sent_values(standin, "/wf") == [("b1", "browsers", True)]
+    assert {pair.audience_id for pair in by_id.pairs} == {"aud_2"}
+    standin.clear()
+    upstream.add("aud_2", "b2")
+
+    by_key = run_sync(repository, [url], SyncOptions(audience="buyers"))
+
+    assert sent_values(standin, "/wf") == [("u1", "buyers", True)]
+    assert {pair.audience_id for pair in by_key.pairs} == {"aud_1"}
+    standin.clear()
+    run_sync(repository, [url])
+    assert sent_values(standin, "/wf") == [("b2", "browsers", True)]
+
+
+def test_dry_run_sends_nothing_and_changes_nothing(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2")
+    url = standin.url("/wf")
+    settings = make_settings(str(repository.engine.url.render_as_string(False)), [url])
+    emitted: list[tuple[str, str, str, str]] = []
+    before = snapshot(repository)
+
+    engine = SyncEngine(settings, repository)
+    try:
+        engine.run(SyncOptions(dry_run=True), emit=lambda *change: emitted.append(change))
+    finally:
+        engine.close()
+
+    assert standin.received() == []
+    assert snapshot(repository) == before
+    assert sorted(emitted) == [(url, "buyers", "u1", "true"), (url, "buyers", "u2", "true")]
+
+    report = run_sync(repository, [url])
+
+    assert report.fully_delivered
+    assert values(standin, "/wf") == {"u1": True, "u2": True}
+    standin.clear()
+    upstream.remove("aud_1", "u1")
+    upstream.add("aud_1", "u3")
+    before = snapshot(repository)
+    run_sync(repository, [url], SyncOptions(dry_run=True))
+    assert standin.received() == []
+    assert snapshot(repository) == before
+    run_sync(repository, [url])
+    assert values(standin, "/wf") == {"u1": False, "u3": True}
+
+
+# --- invalid input ---
+
+
+def test_invalid_rows_are_reported_and_skipped_while_the_rest_is_delivered(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "", "bad\x01id", "x" * 600, "good1", "good2")
+    url = standin.url("/wf")
+
+    report = run_sync(repository, [url])
+
+    assert values(standin, "/wf") == {"good1": True, "good2": True}
+    assert report.counts.rejected == 3
+    assert report.counts.delivered == 2
+    assert not report.fully_delivered
+    assert repository.delivered_values(destination_id(repository, url), "aud_1") == {
+        "good1": "true",
+        "good2": "true",
+    }

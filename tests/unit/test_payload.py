@@ -1,0 +1,270 @@
+"""The identify and delete bodies sent to workflows, and which user rows can be sent."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from syncer.core.payload import (
+    Computation,
+    TraitChange,
+    delete_body,
+    format_timestamp,
+    identify_body,
+    message_id,
+    user_input_problem,
+)
+
+NAMESPACE = uuid.UUID("12345678-1234-5678-1234-567812345678")
+OTHER_NAMESPACE = uuid.UUID("87654321-4321-8765-4321-876543218765")
+# uuid5(NAMESPACE, "change:42"), computed once: retries after an upgrade must keep their ids.
+MESSAGE_ID_42 = "cb0ff351-a83f-5b10-92a2-1e5718553630"
+CREATED = datetime(2026, 11, 28, 12, 0, 0, 123456)
+
+COMPUTATION = Computation(
+    computation_class="audience",
+    computation_id="aud_1",
+    computation_key="high_value_customers",
+    space_id="spa_test",
+)
+
+PERSONAS = {
+    "computation_class": "audience",
+    "computation_id": "aud_1",
+    "computation_key": "high_value_customers",
+    "namespace": "spa_test",
+    "space_id": "spa_test",
+}
+
+
+def change(
+    *,
+    change_id: int = 42,
+    anonymous_id: str | None = None,
+    email: str | None = None,
+    value: str = "true",
+    created_at: datetime = CREATED,
+) -> TraitChange:
+    return TraitChange(
+        change_id=change_id,
+        user_id="user-1",
+        anonymous_id=anonymous_id,
+        email=email,
+        value=value,
+        created_at=created_at,
+    )
+
+
+@pytest.mark.parametrize(
+    ("the_change", "expected"),
+    [
+        pytest.param(
+            change(),
+            {
+                "type": "identify",
+                "userId": "user-1",
+                "traits": {"high_value_customers": True},
+                "context": {"personas": PERSONAS},
+                "messageId": MESSAGE_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="bare",
+        ),
+        pytest.param(
+            change(anonymous_id="anon-9", email="ana@example.com"),
+            {
+                "type": "identify",
+                "userId": "user-1",
+                "anonymousId": "anon-9",
+                "traits": {"high_value_customers": True, "email": "ana@example.com"},
+                "context": {"personas": PERSONAS},
+                "messageId": MESSAGE_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="with-anonymous-id-and-email",
+        ),
+        pytest.param(
+            change(email="ana@example.com"),
+            {
+                "type": "identify",
+                "userId": "user-1",
+                "traits": {"high_value_customers": True, "email": "ana@example.com"},
+                "context": {"personas": PERSONAS},
+                "messageId": MESSAGE_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="email-only",
+        ),
+        pytest.param(
+            change(value="false"),
+            {
+                "type": "identify",
+                "userId": "user-1",
+                "traits": {"high_value_customers": False},
+                "context": {"personas": PERSONAS},
+                "messageId": MESSAGE_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="exit-false",
+        ),
+    ],
+)
+def test_identify_body(the_change: TraitChange, expected: dict[str, object]) -> None:
+    body = identify_body(COMPUTATION, the_change, NAMESPACE)
+    assert json.loads(body) == expected
+
+
+def test_identify_body_is_compact_utf8() -> None:
+    body = identify_body(COMPUTATION, change(email="jürgen@example.com"), NAMESPACE)
+    assert "jürgen@example.com".encode() in body
+    assert b": " not in body
+    assert b", " not in body
+
+
+def test_identify_body_same_bytes_on_retry() -> None:
+    first = identify_body(COMPUTATION, change(email="a@example.com"), NAMESPACE)
+    retry = identify_body(COMPUTATION, change(email="a@example.com"), NAMESPACE)
+    assert first == retry
+
+
+def _message_id(change_id: int, namespace: uuid.UUID) -> str:
+    body = identify_body(COMPUTATION, change(change_id=change_id), namespace)
+    return str(json.loads(body)["messageId"])
+
+
+def test_message_id_pinned_vector() -> None:
+    assert message_id(NAMESPACE, 42) == MESSAGE_ID_42
+    assert uuid.UUID(MESSAGE_ID_42).version == 5
+
+
+def test_message_id_stable_for_same_change_and_namespace() -> None:
+    assert _message_id(7, NAMESPACE) == _message_id(7, NAMESPACE)
+    assert message_id(NAMESPACE, 7) == _message_id(7, NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        ((1, NAMESPACE), (2, NAMESPACE)),
+        ((42, NAMESPACE), (43, NAMESPACE)),
+        ((1, NAMESPACE), (10, NAMESPACE)),
+        ((1, NAMESPACE), (1, OTHER_NAMESPACE)),
+        ((42, NAMESPACE), (42, OTHER_NAMESPACE)),
+    ],
+)
+def test_message_id_differs(left: tuple[int, uuid.UUID], right: tuple[int, uuid.UUID]) -> None:
+    assert _message_id(*left) != _message_id(*right)
+
+
+def test_message_ids_unique_over_many_changes() -> None:
+    ids = {message_id(NAMESPACE, change_id) for change_id in range(1, 2001)}
+    assert len(ids) == 2000
+
+
+@pytest.mark.parametrize(
+    ("moment", "expected"),
+    [
+        (datetime(2026, 11, 28, 12, 0, 0), "2026-11-28T12:00:00.000Z"),
+        (datetime(2026, 11, 28, 12, 0, 0, 999999), "2026-11-28T12:00:00.999Z"),  # truncated
+        (datetime(2026, 11, 28, 12, 0, 0, 1999), "2026-11-28T12:00:00.001Z"),
+        (datetime(2026, 11, 28, 12, 0, 0, 999), "2026-11-28T12:00:00.000Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, 60000), "2026-01-02T03:04:05.060Z"),
+        (datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC), "2026-11-28T12:00:00.000Z"),
+        (
+            datetime(2026, 11, 28, 14, 0, 0, 250000, tzinfo=timezone(timedelta(hours=2))),
+            "2026-11-28T12:00:00.250Z",
+        ),
+        (
+            datetime(2026, 11, 27, 21, 30, 0, tzinfo=timezone(timedelta(hours=-14, minutes=-30))),
+            "2026-11-28T12:00:00.000Z",
+        ),
+        (
+            datetime(2026, 1, 1, 0, 30, 0, tzinfo=timezone(timedelta(hours=1))),
+            "2025-12-31T23:30:00.000Z",
+        ),
+    ],
+)
+def test_format_timestamp(moment: datetime, expected: str) -> None:
+    assert format_timestamp(moment) == expected
+
+
+def test_delete_body() -> None:
+    body = delete_body("user-1", 42, datetime(2026, 11, 28, 12, 0, 0, 5000), NAMESPACE)
+    message = json.loads(body)
+    assert set(message) == {"type", "userId", "timestamp", "messageId"}
+    assert message["type"] == "delete"
+    assert message["userId"] == "user-1"
+    assert message["timestamp"] == "2026-11-28T12:00:00.005Z"
+    assert uuid.UUID(message["messageId"]).version == 5
+    # Deletes are numbered apart from identify changes: the same number must not share an id.
+    assert message["messageId"] != MESSAGE_ID_42
+
+
+def test_delete_body_same_bytes_on_retry() -> None:
+    first = delete_body("user-1", 42, CREATED, NAMESPACE)
+    assert delete_body("user-1", 42, CREATED, NAMESPACE) == first
+
+
+def test_delete_body_message_id_depends_on_change_and_namespace() -> None:
+    base = json.loads(delete_body("u", 1, CREATED, NAMESPACE))["messageId"]
+    assert json.loads(delete_body("u", 2, CREATED, NAMESPACE))["messageId"] != base
+    assert json.loads(delete_body("u", 1, CREATED, OTHER_NAMESPACE))["messageId"] != base
+
+
+@pytest.mark.parametrize(
+    ("user_id", "anonymous_id", "email", "problem_mentions"),
+    [
+        pytest.param("", None, None, "user_id", id="empty"),
+        pytest.param("   ", None, None, "user_id", id="spaces"),
+        pytest.param("\t\n", None, None, "user_id", id="whitespace"),
+        pytest.param("u" * 513, None, None, "user_id", id="too-long"),
+        pytest.param("user\x00id", None, None, "user_id", id="nul"),
+        pytest.param("user\nid", None, None, "user_id", id="newline"),
+        pytest.param("user\x1bid", None, None, "user_id", id="escape"),
+        pytest.param("user\x7fid", None, None, "user_id", id="del"),
+        pytest.param("user\x85id", None, None, "user_id", id="c1-control"),
+        pytest.param(
+            b"user\xff".decode("utf-8", "surrogateescape"),
+            None,
+            None,
+            "user_id",
+            id="non-utf8-surrogate",
+        ),
+        pytest.param("user\udcff", None, None, "user_id", id="lone-surrogate"),
+        pytest.param("user-1", "a" * 513, None, "anonymous_id", id="anonymous-id-too-long"),
+        pytest.param("user-1", "anon\r", None, "anonymous_id", id="anonymous-id-control"),
+        pytest.param("user-1", "anon\udcff", None, "anonymous_id", id="anonymous-id-surrogate"),
+        pytest.param("user-1", None, "a\n@example.com", "email", id="email-control"),
+        pytest.param("user-1", None, "a" * 503 + "@example.com", "email", id="email-too-long"),
+        pytest.param("user-1", None, "a\udcff@example.com", "email", id="email-surrogate"),
+    ],
+)
+def test_user_input_problem_found(
+    user_id: str, anonymous_id: str | None, email: str | None, problem_mentions: str
+) -> None:
+    problem = user_input_problem(user_id, anonymous_id, email)
+    assert problem is not None
+    assert problem_mentions in problem
+
+
+@pytest.mark.parametrize(
+    ("user_id", "anonymous_id", "email"),
+    [
+        ("user-1", None, None),
+        ("u", None, None),
+        ("u" * 512, None, None),  # exactly at the limit
+        (" padded ", None, None),
+        ("user with spaces", None, None),
+        ("Jürgen-日本-✨", None, None),
+        ("user-1", "anon-1", "ana@example.com"),
+        ("user-1", "a" * 512, "b" * 500 + "@example.com"),
+        ("user-1", None, "jürgen@exämple.com"),
+    ],
+)
+def test_user_input_problem_none_for_fine_ids(
+    user_id: str, anonymous_id: str | None, email: str | None
+) -> None:
+    assert user_input_problem(user_id, anonymous_id, email) is None

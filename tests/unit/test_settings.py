@@ -1,0 +1,209 @@
+"""Settings: one-line errors naming the key, environment overrides, URL normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncer.errors import ConfigError
+from syncer.settings import DATABASE_URL_ENV, SECRET_ENV, settings_from_mapping
+
+SOURCE = "settings.toml"
+BASE = Path("/tmp")
+URL = "https://a.example/workflow"
+SECRET = "hunter2-very-secret-value"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+
+
+def valid(**sections: dict[str, Any]) -> dict[str, Any]:
+    """A valid settings mapping (with a secret), with sections replaced or added."""
+    data: dict[str, Any] = {"tray": {"workflow_urls": [URL], "shared_secret": SECRET}}
+    data.update(sections)
+    return data
+
+
+def tray(urls: list[str]) -> dict[str, Any]:
+    return {"workflow_urls": urls, "shared_secret": SECRET}
+
+
+INVALID = [
+    pytest.param({**valid(), "bogus": 1}, "bogus", "unknown key", id="unknown-top-level-key"),
+    pytest.param(
+        valid(delivery={"bogus": 1}), "delivery.bogus", "unknown key", id="unknown-delivery-key"
+    ),
+    pytest.param(
+        valid(tray={"workflow_urls": [URL], "secret": SECRET}),
+        "tray.secret",
+        "unknown key",
+        id="unknown-tray-key-holding-secret",
+    ),
+    pytest.param(valid(tray=tray([])), "tray.workflow_urls", "0 URLs", id="zero-urls"),
+    pytest.param(
+        valid(tray=tray([f"https://a.example/{i}" for i in range(11)])),
+        "tray.workflow_urls",
+        "11 URLs",
+        id="eleven-urls",
+    ),
+    pytest.param(
+        valid(tray=tray(["ftp://a.example/x"])), "tray.workflow_urls", "ftp://", id="ftp-url"
+    ),
+    pytest.param(
+        valid(tray=tray(["not a url"])), "tray.workflow_urls", "not a url", id="not-a-url"
+    ),
+    pytest.param(
+        valid(tray=tray([URL, "https://b.example/", URL])),
+        "tray.workflow_urls",
+        "twice",
+        id="duplicate-url",
+    ),
+    pytest.param(
+        {"tray": {"shared_secret": SECRET}}, "tray.workflow_urls", "required", id="no-urls-key"
+    ),
+    pytest.param(
+        valid(schedule={"interval": "5m", "cron": "*/5 * * * *"}),
+        "schedule",
+        "not both",
+        id="interval-and-cron",
+    ),
+    pytest.param(valid(schedule={"interval": "5x"}), "schedule.interval", "5x", id="bad-interval"),
+    pytest.param(valid(schedule={"cron": "* *"}), "schedule.cron", "* *", id="bad-cron"),
+    pytest.param(
+        valid(delivery={"concurrency": 0}),
+        "delivery.concurrency",
+        "greater than or equal to 1",
+        id="concurrency-zero",
+    ),
+    pytest.param(
+        valid(database={"url": "mysql://x"}), "database.url", "sqlite", id="mysql-database"
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "key_path", "reason"), INVALID)
+def test_invalid_settings(data: dict[str, Any], key_path: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(data, SOURCE, BASE)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{SOURCE}: ")
+    assert f": {key_path}: " in message
+    assert reason in message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(("data", "key_path", "reason"), INVALID)
+def test_invalid_settings_never_show_env_secret(
+    monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], key_path: str, reason: str
+) -> None:
+    env_secret = "env-secret-that-must-not-leak"
+    monkeypatch.setenv(SECRET_ENV, env_secret)
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(data, SOURCE, BASE)
+    assert env_secret not in str(caught.value)
+    assert key_path in str(caught.value)
+
+
+def test_ten_urls_allowed() -> None:
+    urls = [f"https://a.example/{i}" for i in range(10)]
+    settings = settings_from_mapping(valid(tray=tray(urls)), SOURCE, BASE)
+    assert settings.tray.workflow_urls == urls
+
+
+def test_default_interval_is_fifteen_minutes() -> None:
+    settings = settings_from_mapping(valid(), SOURCE, BASE)
+    assert settings.schedule.interval_seconds == 900.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "seconds"),
+    [({"interval": "90s"}, 90.0), ({"interval": "1h30m"}, 5400.0), ({"cron": "*/5 * * * *"}, None)],
+)
+def test_schedule(schedule: dict[str, str], seconds: float | None) -> None:
+    settings = settings_from_mapping(valid(schedule=schedule), SOURCE, BASE)
+    assert settings.schedule.interval_seconds == seconds
+
+
+@pytest.mark.parametrize(
+    "tray_section",
+    [
+        {"workflow_urls": [URL], "shared_secret": "from-file"},
+        {"workflow_urls": [URL]},
+    ],
+)
+def test_env_secret_overrides_file(
+    monkeypatch: pytest.MonkeyPatch, tray_section: dict[str, Any]
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, "from-env")
+    settings = settings_from_mapping({"tray": tray_section}, SOURCE, BASE)
+    assert settings.tray.secret == "from-env"
+
+
+def test_env_secret_does_not_mutate_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, "from-env")
+    data = {"tray": {"workflow_urls": [URL], "shared_secret": "from-file"}}
+    settings_from_mapping(data, SOURCE, BASE)
+    assert data["tray"]["shared_secret"] == "from-file"
+
+
+@pytest.mark.parametrize(("file_secret", "expected"), [("from-file", "from-file"), ("", None)])
+def test_file_secret(file_secret: str, expected: str | None) -> None:
+    data = {"tray": {"workflow_urls": [URL], "shared_secret": file_secret}}
+    assert settings_from_mapping(data, SOURCE, BASE).tray.secret == expected
+
+
+def test_no_secret() -> None:
+    data = {"tray": {"workflow_urls": [URL]}}
+    assert settings_from_mapping(data, SOURCE, BASE).tray.secret is None
+
+
+@pytest.mark.parametrize(
+    ("url", "base", "expected"),
+    [
+        (None, Path("/tmp"), "sqlite:////tmp/syncer.db"),
+        ("sqlite:///data/x.db", Path("/tmp"), "sqlite:////tmp/data/x.db"),
+        ("sqlite:///x.db", Path("/srv/syncer"), "sqlite:////srv/syncer/x.db"),
+        ("sqlite:///../x.db", Path("/srv/syncer"), "sqlite:////srv/x.db"),
+        ("sqlite+pysqlite:///x.db", Path("/tmp"), "sqlite+pysqlite:////tmp/x.db"),
+        ("sqlite:////var/lib/x.db", Path("/tmp"), "sqlite:////var/lib/x.db"),
+        ("sqlite:///:memory:", Path("/tmp"), "sqlite:///:memory:"),
+        (
+            "postgresql://user:pw@db.example/engage",
+            Path("/tmp"),
+            "postgresql+psycopg://user:pw@db.example/engage",
+        ),
+        (
+            "postgresql+psycopg://user@db.example/engage",
+            Path("/tmp"),
+            "postgresql+psycopg://user@db.example/engage",
+        ),
+    ],
+)
+def test_database_url(url: str | None, base: Path, expected: str) -> None:
+    data = valid(database={"url": url}) if url is not None else valid()
+    assert settings_from_mapping(data, SOURCE, base).database.url == expected
+
+
+def test_database_url_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://env@db.example/engage")
+    settings = settings_from_mapping(valid(database={"url": "sqlite:///x.db"}), SOURCE, BASE)
+    assert settings.database.url == "postgresql+psycopg://env@db.example/engage"
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_secret_hidden_in_str_and_repr(monkeypatch: pytest.MonkeyPatch, from_env: bool) -> None:
+    data = valid()
+    if from_env:
+        monkeypatch.setenv(SECRET_ENV, SECRET)
+        data = {"tray": {"workflow_urls": [URL]}}
+    settings = settings_from_mapping(data, SOURCE, BASE)
+    assert settings.tray.secret == SECRET  # it is there ...
+    for text in (str(settings), repr(settings), str(settings.tray), repr(settings.tray)):
+        assert SECRET not in text  # ... but never shown
+    assert URL in repr(settings)
