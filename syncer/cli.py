@@ -131,7 +131,16 @@ def _print_summary(report: SyncReport) -> None:
     )
     for problem in report.problems:
         click.echo(f"  skipped audience {problem.audience_id}: {problem.reason}")
+    for audience_id, reason in report.held.items():
+        click.echo(f"  HELD audience {audience_id}: {reason}")
     for pair in report.pairs:
+        if pair.note.startswith("held"):
+            continue
+        if pair.parked:
+            click.echo(
+                f"  {pair.url} {pair.key}: {pair.parked} change(s) parked after repeated "
+                "rejections or invalid input: see `syncer inspect failures`, then `syncer retry`"
+            )
         if pair.pending or pair.rejected or pair.note:
             note = f" ({pair.note})" if pair.note else ""
             click.echo(
@@ -191,6 +200,8 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
     report = engine.run(options, emit=emit)
     for problem in report.problems:
         click.echo(f"skipped audience {problem.audience_id}: {problem.reason}")
+    for audience_id, reason in report.held.items():
+        click.echo(f"would HOLD audience {audience_id}: {reason}")
     for url in engine.settings.tray.workflow_urls:
         click.echo(
             f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
@@ -221,6 +232,42 @@ def delete_user_command(app: App, user_ids: tuple[str, ...]) -> None:
     if not report.fully_delivered:
         click.echo("  undelivered deletes stay queued and are retried on the next run")
     sys.exit(EXIT_OK if report.fully_delivered else EXIT_UNDELIVERED)
+
+
+@main.command(name="retry")
+@click.option("--url", default=None, help="Only changes for this workflow URL.")
+@click.option("--audience", default=None, help="Only changes of this audience (id or key).")
+@click.pass_obj
+def retry_command(app: App, url: str | None, audience: str | None) -> None:
+    """Put rejected and parked changes back in line for the next run."""
+    settings = app.settings
+    repository = app.repository()
+    destination_ids = None
+    if url is not None:
+        if url not in settings.tray.workflow_urls:
+            raise ConfigError(f"--url: {url!r} is not one of tray.workflow_urls")
+        destination_ids = list(repository.find_destinations([url]).values())
+    audience_id = None
+    if audience is not None:
+        audience_id = Inspection(repository.engine).find_audience(audience)
+        if audience_id is None:
+            raise ConfigError(f"--audience: no audience has the id or key {audience!r}")
+    count = repository.requeue(destination_ids, audience_id)
+    click.echo(f"{count} change(s) re-queued; they are sent on the next run")
+
+
+@main.command(name="approve")
+@click.argument("audience")
+@click.pass_obj
+def approve_command(app: App, audience: str) -> None:
+    """Release an AUDIENCE (id or key) held by the mass-exit guard: its exits go out next run."""
+    repository = app.repository()
+    audience_id = Inspection(repository.engine).find_audience(audience)
+    if audience_id is None:
+        raise ConfigError(f"AUDIENCE: no audience has the id or key {audience!r}")
+    if not repository.approve_hold(audience_id):
+        raise ConfigError(f"AUDIENCE: audience {audience_id!r} is not held")
+    click.echo(f"audience {audience_id} approved: its exits are sent on the next run")
 
 
 @main.command(name="daemon")
@@ -277,7 +324,7 @@ def inspect_audiences(app: App, output_format: str) -> None:
                 if record["key"] is None:
                     row["key"] = f"(not synced: {record['key_problem']})"
             else:
-                row.update({k: "" for k in ("id", "name", "key", "enabled", "members")})
+                row.update({k: "" for k in ("id", "name", "key", "enabled", "held", "members")})
             first = False
             rows.append(row)
     print_table(
@@ -287,6 +334,7 @@ def inspect_audiences(app: App, output_format: str) -> None:
             ("NAME", "name"),
             ("KEY", "key"),
             ("ENABLED", "enabled"),
+            ("HELD", "held"),
             ("MEMBERS", "members"),
             ("URL", "url"),
             ("TOLD", "told_members"),

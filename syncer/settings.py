@@ -130,6 +130,15 @@ class DeliverySettings(_Section):
     backoff_max_seconds: Annotated[float, Field(ge=0, le=600)] = 30.0
     retry_after_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
+    max_rejections: Annotated[int, Field(ge=1, le=1000)] = 5
+    lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 120.0
+
+
+class GuardSettings(_Section):
+    """The mass-exit guard: hold an audience whose exits look like a broken upstream job."""
+
+    max_exit_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_audience_size: Annotated[int, Field(ge=0)] = 20
 
 
 class LoggingSettings(_Section):
@@ -147,6 +156,7 @@ class Settings(_Section):
     engage: EngageSettings = EngageSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     delivery: DeliverySettings = DeliverySettings()
+    guard: GuardSettings = GuardSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

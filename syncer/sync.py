@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -37,6 +38,9 @@ from syncer.delivery.transport import HttpxTransport, Transport
 from syncer.errors import ConfigError
 from syncer.settings import Settings
 from syncer.store.repository import (
+    STATUS_PARKED,
+    STATUS_PENDING,
+    STATUS_REJECTED,
     AudienceRow,
     FailedChange,
     PendingDeletion,
@@ -47,8 +51,22 @@ from syncer.store.repository import (
 
 log = structlog.get_logger("syncer.sync")
 
-LEASE_TTL = timedelta(minutes=2)
 T = TypeVar("T")
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True when a lease holder ("host:pid:nonce") ran on this machine and its process is gone."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -72,13 +90,14 @@ class PairReport:
     exited: int = 0
     delivered: int = 0
     pending: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refused for good, parked ones included
+    parked: int = 0
     note: str = ""
 
     @property
-    def busy(self) -> bool:
-        """True when another syncer held this pair, so this run left it alone."""
-        return self.note.startswith("busy")
+    def untouched(self) -> bool:
+        """True when this run left the pair alone: another syncer had it, or the guard held it."""
+        return self.note.startswith(("busy", "held"))
 
 
 @dataclass
@@ -98,6 +117,7 @@ class SyncReport:
     pairs: list[PairReport] = field(default_factory=list)
     deletions: list[DeletionReport] = field(default_factory=list)
     problems: list[KeyProblem] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)
     duration_seconds: float = 0.0
 
     @property
@@ -119,7 +139,8 @@ class SyncReport:
         return (
             counts.pending == 0
             and counts.rejected == 0
-            and not any(pair.busy for pair in self.pairs)
+            and not any(pair.untouched for pair in self.pairs)
+            and not self.held
             and not any(report.pending for report in self.deletions)
         )
 
@@ -177,6 +198,7 @@ class SyncEngine:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         workers = 1 if repository.engine.dialect.name == "sqlite" else 4
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syncer-db")
+        self._lease_ttl = timedelta(seconds=settings.delivery.lease_seconds)
         self._senders: list[UrlSender] = []
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -206,6 +228,42 @@ class SyncEngine:
         # Database calls run on worker threads so that one URL's SQL never stalls another's HTTP.
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(function, *args, **kwargs))
+
+    def _take_lease(self, name: str) -> bool:
+        repository = self.repository
+        if repository.acquire_lease(name, self._holder, self._lease_ttl):
+            return True
+        # A holder on this machine whose process is gone cannot renew: take over at once
+        # rather than wait for its lease to run out.
+        holder = repository.lease_holder(name)
+        if holder is not None and holder_is_dead(holder):
+            log.warning("lease_taken_from_dead_holder", lease=name, holder=holder)
+            return repository.take_lease_from(name, holder, self._holder, self._lease_ttl)
+        return False
+
+    @asynccontextmanager
+    async def _leased(self, name: str, sender: UrlSender) -> AsyncIterator[bool]:
+        """Hold the lease ``name`` for the block, renewing it; yields False if another has it."""
+        if not await self._db(self._take_lease, name):
+            yield False
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self._lease_ttl.total_seconds() / 4)
+                if not await self._db(
+                    self.repository.acquire_lease, name, self._holder, self._lease_ttl
+                ):
+                    log.error("lease_lost", lease=name)
+                    sender.stop()
+                    return
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield True
+        finally:
+            renewer.cancel()
+            await asyncio.shield(self._db(self.repository.release_lease, name, self._holder))
 
     def _sender(self, url: str, transport: Transport) -> UrlSender:
         delivery = self.settings.delivery
@@ -242,6 +300,10 @@ class SyncEngine:
             for row in chosen
             if row.enabled and row.audience_id in resolution.keys
         ]
+        for audience_id, count in self.repository.orphan_memberships():
+            report.problems.append(
+                KeyProblem(audience_id, f"{count} membership row(s) name no existing audience")
+            )
         for problem in report.problems:
             log.warning("audience_skipped", audience_id=problem.audience_id, reason=problem.reason)
         return syncable, report
@@ -275,7 +337,11 @@ class SyncEngine:
         syncable, report = await self._db(self._resolve, options)
         urls = self.settings.tray.workflow_urls
         if options.dry_run:
-            await self._db(self._dry_run, syncable, urls, options, emit or (lambda *_: None))
+            known = await self._db(self.repository.find_destinations, urls)
+            held, _ = await self._db(self._guard, syncable, known, False)
+            report.held = held
+            allowed = [(row, key) for row, key in syncable if row.audience_id not in held]
+            await self._db(self._dry_run, allowed, urls, options, emit or (lambda *_: None))
             report.duration_seconds = time.monotonic() - started
             return report
         destination_ids = await self._db(self.repository.ensure_destinations, urls)
@@ -285,18 +351,22 @@ class SyncEngine:
                 locked.append((row, key))
             else:
                 report.problems.append(KeyProblem(row.audience_id, f"key {key!r} was just taken"))
+        held, approved = await self._db(self._guard, locked, destination_ids, True)
+        report.held = held
         report.run_id = await self._db(self.repository.start_run, options.trigger)
         namespace = await self._db(self.repository.message_namespace)
-        transport = self._transport_factory()
+        # One client per URL: a slow URL must not hold connections another URL needs.
+        transports = {url: self._transport_factory() for url in urls}
         status, error = "failed", None
         try:
             results = await asyncio.gather(
                 *(
                     self._sync_url(
-                        self._sender(url, transport),
+                        self._sender(url, transports[url]),
                         destination_ids[url],
                         report.run_id,
                         locked,
+                        held,
                         options,
                         namespace,
                         progress or _NoProgress(),
@@ -307,6 +377,9 @@ class SyncEngine:
             for deletion_report, pair_reports in results:
                 report.deletions.append(deletion_report)
                 report.pairs.extend(pair_reports)
+            for audience_id in approved:
+                # The approved exits are planned now; the next surge needs a new approval.
+                await self._db(self.repository.release_hold, audience_id)
             if self._stopping.is_set():
                 status = "stopped"
             else:
@@ -317,7 +390,8 @@ class SyncEngine:
             raise
         finally:
             self._senders.clear()
-            await transport.aclose()
+            for transport in transports.values():
+                await transport.aclose()
             report.duration_seconds = time.monotonic() - started
             await asyncio.shield(
                 self._db(self.repository.finish_run, report.run_id, status, report.counts, error)
@@ -344,6 +418,47 @@ class SyncEngine:
             duration_seconds=round(report.duration_seconds, 3),
         )
 
+    def _guard(
+        self,
+        audiences: list[tuple[AudienceRow, str]],
+        destination_ids: dict[str, int],
+        record: bool,
+    ) -> tuple[dict[str, str], list[str]]:
+        """The mass-exit guard: which audiences to hold (id -> why), and which were approved.
+
+        An audience is held when, for any URL that was told of at least ``min_audience_size``
+        members, more than ``max_exit_share`` of them would now be told they left: far more
+        likely a broken upstream job than a real exodus. Nothing is sent for it until
+        ``syncer approve`` releases it; a hold whose exits went away by themselves is lifted.
+        """
+        guard = self.settings.guard
+        existing = self.repository.holds()
+        held: dict[str, str] = {}
+        approved: list[str] = []
+        for row, key in audiences:
+            hold = existing.get(row.audience_id)
+            if hold is not None and hold[1]:
+                approved.append(row.audience_id)
+                continue
+            reason = None
+            for url, destination_id in destination_ids.items():
+                told, exits = self.repository.exit_pressure(destination_id, row.audience_id)
+                if told >= max(guard.min_audience_size, 1) and exits > guard.max_exit_share * told:
+                    reason = (
+                        f"{exits} of the {told} members {url} was told of would exit "
+                        f"(over {guard.max_exit_share:.0%}); check upstream, then "
+                        f"`syncer approve {key}` to send the exits"
+                    )
+                    break
+            if reason is not None:
+                held[row.audience_id] = reason
+                log.warning("audience_held", audience_id=row.audience_id, reason=reason)
+                if record:
+                    self.repository.place_hold(row.audience_id, reason)
+            elif hold is not None and record:
+                self.repository.release_hold(row.audience_id)
+        return held, approved
+
     def _dry_run(
         self,
         syncable: list[tuple[AudienceRow, str]],
@@ -369,6 +484,7 @@ class SyncEngine:
         destination_id: int,
         run_id: int,
         audiences: list[tuple[AudienceRow, str]],
+        held: dict[str, str],
         options: SyncOptions,
         namespace: uuid.UUID,
         progress: Progress,
@@ -378,12 +494,14 @@ class SyncEngine:
         for row, key in audiences:
             report = PairReport(url=sender.url, audience_id=row.audience_id, key=key)
             reports.append(report)
-            lease = f"pair:{destination_id}:{row.audience_id}"
-            if not await self._db(self.repository.acquire_lease, lease, self._holder, LEASE_TTL):
-                report.note = "busy: another syncer is working on it"
-                log.warning("pair_busy", url=sender.url, audience_id=row.audience_id)
+            if row.audience_id in held:
+                report.note = f"held: {held[row.audience_id]}"
                 continue
-            try:
+            async with self._leased(f"pair:{destination_id}:{row.audience_id}", sender) as leased:
+                if not leased:
+                    report.note = "busy: another syncer is working on it"
+                    log.warning("pair_busy", url=sender.url, audience_id=row.audience_id)
+                    continue
                 await self._sync_pair(
                     sender, destination_id, row, key, options, namespace, progress, report
                 )
@@ -394,8 +512,6 @@ class SyncEngine:
                     run_id,
                     complete=report.pending == 0 and report.rejected == 0,
                 )
-            finally:
-                await asyncio.shield(self._db(self.repository.release_lease, lease, self._holder))
         return deletion_report, reports
 
     async def _deliver_deletions(
@@ -403,10 +519,6 @@ class SyncEngine:
     ) -> DeletionReport:
         repository = self.repository
         report = DeletionReport(url=sender.url)
-        lease = f"deletions:{destination_id}"
-        if not await self._db(repository.acquire_lease, lease, self._holder, LEASE_TTL):
-            report.pending = await self._db(repository.count_pending_deletions, destination_id)
-            return report
 
         async def outgoing() -> AsyncIterator[Outgoing[PendingDeletion]]:
             after = 0
@@ -436,8 +548,8 @@ class SyncEngine:
             await self._db(repository.record_deletion_outcomes, accepted, failed)
             report.delivered += len(accepted)
 
-        try:
-            if not sender.unavailable:
+        async with self._leased(f"deletions:{destination_id}", sender) as leased:
+            if leased and not sender.unavailable:
                 await pump(
                     sender,
                     outgoing(),
@@ -445,8 +557,6 @@ class SyncEngine:
                     record=record,
                 )
             report.pending = await self._db(repository.count_pending_deletions, destination_id)
-        finally:
-            await asyncio.shield(self._db(repository.release_lease, lease, self._holder))
         return report
 
     async def _sync_pair(
@@ -467,7 +577,6 @@ class SyncEngine:
         report.entered, report.exited = planned.entered, planned.exited
         progress.planned(sender.url, planned.entered + planned.exited)
         computation = Computation("audience", row.audience_id, key, self.settings.engage.space_id)
-        lease = f"pair:{destination_id}:{row.audience_id}"
 
         async def record(results: list[tuple[QueuedChange, Attempted]]) -> None:
             accepted: list[tuple[QueuedChange, str]] = []
@@ -486,6 +595,7 @@ class SyncEngine:
                 accepted=accepted,
                 retryable=retryable,
                 rejected=rejected,
+                max_rejections=self.settings.delivery.max_rejections,
             )
             report.delivered += len(accepted)
             progress.advanced(sender.url, len(results))
@@ -505,7 +615,8 @@ class SyncEngine:
                 row.audience_id,
                 accepted=[],
                 retryable=[],
-                rejected=invalid,
+                rejected=[],
+                parked=invalid,
             )
             progress.advanced(sender.url, len(invalid))
 
@@ -539,8 +650,6 @@ class SyncEngine:
                     yield Outgoing(change, identify_body(computation, trait_change, namespace))
                 if invalid:
                     await skip_invalid(invalid)
-                # Renewing once a batch keeps the lease alive however long the pair takes.
-                await self._db(repository.acquire_lease, lease, self._holder, LEASE_TTL)
 
         if not sender.unavailable:
             await pump(
@@ -549,9 +658,10 @@ class SyncEngine:
                 concurrency=self.settings.delivery.concurrency,
                 record=record,
             )
-        remaining = await self._db(repository.queued_counts, destination_id, row.audience_id)
-        report.rejected = await self._db(repository.rejected_count, destination_id, row.audience_id)
-        report.pending = remaining.entered + remaining.exited - report.rejected
+        statuses = await self._db(repository.status_counts, destination_id, row.audience_id)
+        report.pending = statuses.get(STATUS_PENDING, 0)
+        report.parked = statuses.get(STATUS_PARKED, 0)
+        report.rejected = statuses.get(STATUS_REJECTED, 0) + report.parked
         if sender.down:
             report.note = "URL unavailable this run; changes kept for the next run"
         elif sender.stopped and report.pending:
@@ -574,19 +684,20 @@ class SyncEngine:
         )
         log.info("users_deleted", count=len(user_ids))
         namespace = await self._db(self.repository.message_namespace)
-        transport = self._transport_factory()
+        transports = {url: self._transport_factory() for url in urls}
         try:
             deletion_reports = await asyncio.gather(
                 *(
                     self._deliver_deletions(
-                        self._sender(url, transport), destination_ids[url], namespace
+                        self._sender(url, transports[url]), destination_ids[url], namespace
                     )
                     for url in urls
                 )
             )
         finally:
             self._senders.clear()
-            await transport.aclose()
+            for transport in transports.values():
+                await transport.aclose()
         return SyncReport(
             run_id=None,
             deletions=list(deletion_reports),

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, and_, func, select
 
 from syncer.core.payload import message_id
 from syncer.core.traits import AudienceIdentity, resolve_keys
-from syncer.store.repository import STATUS_REJECTED, Repository
+from syncer.store.repository import STATUS_PENDING, Repository
 from syncer.store.schema import (
     audience_memberships,
     audiences,
@@ -68,6 +68,7 @@ class Inspection:
         """Every audience with its members and, per configured URL, what that URL knows."""
         keys, problems = self._keys()
         destination_ids = self._destination_ids(urls)
+        held = self._repository.holds()
         with self.engine.connect() as connection:
             members: dict[str, int] = dict(
                 connection.execute(
@@ -90,13 +91,13 @@ class Inspection:
                     outbox.c.destination_id,
                     outbox.c.audience_id,
                     outbox.c.value,
-                    outbox.c.status == STATUS_REJECTED,
+                    outbox.c.status != STATUS_PENDING,
                     func.count(),
                 ).group_by(
                     outbox.c.destination_id,
                     outbox.c.audience_id,
                     outbox.c.value,
-                    outbox.c.status == STATUS_REJECTED,
+                    outbox.c.status != STATUS_PENDING,
                 )
             ):
                 queued[(row[0], row[1], row[2], bool(row[3]))] = row[4]
@@ -131,6 +132,8 @@ class Inspection:
                     "key": keys.get(audience.audience_id),
                     "key_problem": problems.get(audience.audience_id),
                     "enabled": audience.enabled,
+                    "held": audience.audience_id in held,
+                    "hold_reason": held.get(audience.audience_id, (None, False))[0],
                     "members": members.get(audience.audience_id, 0),
                     "urls": per_url,
                 }
@@ -235,7 +238,7 @@ class Inspection:
                     "audience_id": row.audience_id,
                     "key": keys.get(row.audience_id),
                     "value": row.value == "true",
-                    "status": "rejected" if row.status == STATUS_REJECTED else "pending",
+                    "status": row.status,
                     "attempts": row.attempts,
                     "last_status": row.last_status,
                     "last_error": row.last_error,
@@ -276,7 +279,7 @@ class Inspection:
         with self.engine.connect() as connection:
             changes = connection.execute(
                 select(outbox)
-                .where((outbox.c.attempts > 0) | (outbox.c.status == STATUS_REJECTED))
+                .where((outbox.c.attempts > 0) | (outbox.c.status != STATUS_PENDING))
                 .order_by(outbox.c.destination_id, outbox.c.id)
                 .limit(limit)
             ).all()
@@ -294,7 +297,7 @@ class Inspection:
                 "key": keys.get(row.audience_id),
                 "user_id": row.user_id,
                 "value": row.value == "true",
-                "state": "rejected" if row.status == STATUS_REJECTED else "retrying",
+                "state": "retrying" if row.status == STATUS_PENDING else row.status,
                 "attempts": row.attempts,
                 "last_status": row.last_status,
                 "last_error": row.last_error,

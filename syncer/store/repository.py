@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     delete,
     exists,
     func,
@@ -43,6 +44,7 @@ from syncer.store.schema import (
     deletions,
     delivered,
     destinations,
+    holds,
     leases,
     meta,
     outbox,
@@ -51,7 +53,8 @@ from syncer.store.schema import (
 )
 
 STATUS_PENDING = "pending"
-STATUS_REJECTED = "rejected"
+STATUS_REJECTED = "rejected"  # refused for good last time; tried again on the next run
+STATUS_PARKED = "parked"  # refused on max_rejections runs, or invalid: waits for `syncer retry`
 
 
 def utcnow() -> datetime:
@@ -314,16 +317,93 @@ class Repository:
         with self.engine.connect() as connection:
             return self._counts(connection, destination_id, audience_id)
 
-    def rejected_count(self, destination_id: int, audience_id: str) -> int:
-        """How many queued changes of one (URL, audience) were last refused for good."""
+    def status_counts(self, destination_id: int, audience_id: str) -> dict[str, int]:
+        """How many queued changes of one (URL, audience) are pending, rejected or parked."""
         with self.engine.connect() as connection:
-            return connection.execute(
-                select(func.count()).where(
+            rows = connection.execute(
+                select(outbox.c.status, func.count())
+                .where(
                     outbox.c.destination_id == destination_id,
                     outbox.c.audience_id == audience_id,
-                    outbox.c.status == STATUS_REJECTED,
                 )
-            ).scalar_one()
+                .group_by(outbox.c.status)
+            )
+            return {row[0]: row[1] for row in rows}
+
+    def exit_pressure(self, destination_id: int, audience_id: str) -> tuple[int, int]:
+        """(members the URL was told of, how many of them have left): the guard's inputs."""
+        gone = not_(self._is_member(audience_id, delivered.c.user_id))
+        with self.engine.connect() as connection:
+            told, exits = connection.execute(
+                select(func.count(), func.coalesce(func.sum(case((gone, 1), else_=0)), 0)).where(
+                    delivered.c.destination_id == destination_id,
+                    delivered.c.audience_id == audience_id,
+                    delivered.c.value == TRUE,
+                )
+            ).one()
+        return int(told), int(exits)
+
+    def orphan_memberships(self, limit: int = 20) -> list[tuple[str, int]]:
+        """(audience id, rows) for memberships whose audience does not exist."""
+        m = audience_memberships
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(m.c.audience_id, func.count())
+                .where(not_(exists().where(audiences.c.id == m.c.audience_id)))
+                .group_by(m.c.audience_id)
+                .order_by(m.c.audience_id)
+                .limit(limit)
+            )
+            return [(row[0], row[1]) for row in rows]
+
+    def requeue(self, destination_ids: Sequence[int] | None, audience_id: str | None) -> int:
+        """Put rejected and parked changes back in line; return how many."""
+        statement = update(outbox).where(outbox.c.status.in_([STATUS_REJECTED, STATUS_PARKED]))
+        if destination_ids is not None:
+            statement = statement.where(outbox.c.destination_id.in_(destination_ids))
+        if audience_id is not None:
+            statement = statement.where(outbox.c.audience_id == audience_id)
+        with self.engine.begin() as connection:
+            return int(
+                connection.execute(statement.values(status=STATUS_PENDING, rejections=0)).rowcount
+            )
+
+    # --- mass-exit holds ---
+
+    def holds(self) -> dict[str, tuple[str, bool]]:
+        """Audience id -> (reason, approved) for every held audience."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(holds))
+            return {row.audience_id: (row.reason, row.approved_at is not None) for row in rows}
+
+    def place_hold(self, audience_id: str, reason: str) -> None:
+        """Hold an audience (or refresh the reason of an unapproved hold)."""
+        with self.engine.begin() as connection:
+            statement = _dialect_insert(connection, holds).values(
+                audience_id=audience_id, held_at=utcnow(), reason=reason
+            )
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["audience_id"], set_={"reason": reason}
+                )
+            )
+
+    def approve_hold(self, audience_id: str) -> bool:
+        """Let the held exits of an audience go out on the next run; False if it is not held."""
+        with self.engine.begin() as connection:
+            return (
+                connection.execute(
+                    update(holds)
+                    .where(holds.c.audience_id == audience_id)
+                    .values(approved_at=utcnow())
+                ).rowcount
+                == 1
+            )
+
+    def release_hold(self, audience_id: str) -> None:
+        """Forget the hold of an audience whose approved exits were planned."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(holds).where(holds.c.audience_id == audience_id))
 
     def stream_desired(
         self, destination_id: int | None, audience_id: str, *, full: bool, batch_size: int
@@ -378,6 +458,7 @@ class Repository:
                     outbox.c.destination_id == destination_id,
                     outbox.c.audience_id == audience_id,
                     outbox.c.id > after_id,
+                    outbox.c.status != STATUS_PARKED,
                 )
                 .order_by(outbox.c.id)
                 .limit(limit)
@@ -392,6 +473,8 @@ class Repository:
         accepted: Sequence[tuple[QueuedChange, str]],
         retryable: Sequence[FailedChange],
         rejected: Sequence[FailedChange],
+        parked: Sequence[FailedChange] = (),
+        max_rejections: int = 5,
     ) -> None:
         """Record what one URL did with a batch of changes, in one transaction.
 
@@ -430,9 +513,14 @@ class Repository:
                         outbox.c.id.in_([change.change_id for change, _ in accepted])
                     )
                 )
+            park_when_rejected = case(
+                (outbox.c.rejections + 1 >= max_rejections, STATUS_PARKED),
+                else_=STATUS_REJECTED,
+            )
             for failures, status, rejection in (
-                (retryable, STATUS_PENDING, 0),
-                (rejected, STATUS_REJECTED, 1),
+                (retryable, literal(STATUS_PENDING, Text), 0),
+                (rejected, park_when_rejected, 1),
+                (parked, literal(STATUS_PARKED, Text), 1),
             ):
                 if not failures:
                     continue
@@ -592,6 +680,26 @@ class Repository:
                 .values(holder=holder, expires_at=now + ttl)
             ).rowcount
             return renewed == 1
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease ``name`` (expired or not), if anyone."""
+        with self.engine.connect() as connection:
+            holder: str | None = connection.execute(
+                select(leases.c.holder).where(leases.c.name == name)
+            ).scalar_one_or_none()
+            return holder
+
+    def take_lease_from(self, name: str, old_holder: str, holder: str, ttl: timedelta) -> bool:
+        """Take the lease ``name`` from ``old_holder``, known to be dead; False if it moved on."""
+        with self.engine.begin() as connection:
+            return (
+                connection.execute(
+                    update(leases)
+                    .where(leases.c.name == name, leases.c.holder == old_holder)
+                    .values(holder=holder, expires_at=utcnow() + ttl)
+                ).rowcount
+                == 1
+            )
 
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease back, if ``holder`` still holds it."""

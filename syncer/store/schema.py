@@ -177,3 +177,13 @@ pair_state = Table(
     Column("last_success_at", DateTime, nullable=True),
     PrimaryKeyConstraint("destination_id", "audience_id"),
 )
+
+# Audiences held by the mass-exit guard, until someone approves the exits.
+holds = Table(
+    "syncer_holds",
+    metadata,
+    Column("audience_id", Text, primary_key=True),
+    Column("held_at", DateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("approved_at", DateTime, nullable=True),
+)
