@@ -82,10 +82,10 @@ def _encode(message: dict[str, Any]) -> bytes:
 def identify_body(computation: Computation, change: TraitChange, namespace: uuid.UUID) -> bytes:
     """The exact bytes of the identify call that tells a workflow about one change."""
     traits: dict[str, Any] = {computation.computation_key: json.loads(change.value)}
-    if change.email is not None:
+    if change.email:  # a null or empty email is not a trait worth sending
         traits["email"] = change.email
     message: dict[str, Any] = {"type": "identify", "userId": change.user_id}
-    if change.anonymous_id is not None:
+    if change.anonymous_id:
         message["anonymousId"] = change.anonymous_id
     message["traits"] = traits
     message["context"] = {

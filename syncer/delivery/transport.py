@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,14 +47,20 @@ class HttpxTransport:
 
     def __init__(self, *, timeout_seconds: float, max_connections: int) -> None:
         self._timeout_seconds = timeout_seconds
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._client = httpx.AsyncClient(
             follow_redirects=False,
-            verify=True,
             timeout=httpx.Timeout(timeout_seconds),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
             headers={"User-Agent": "engage-audience-syncer"},
+            transport=httpx.AsyncHTTPTransport(
+                verify=True,
+                limits=limits,
+                # Small request/response exchanges on keep-alive connections: never let Nagle's
+                # algorithm hold a write back waiting for an ACK.
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            ),
         )
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
