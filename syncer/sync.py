@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Protocol, TypeVar
@@ -401,18 +401,12 @@ class SyncEngine:
 
     @staticmethod
     def _log_summary(report: SyncReport, options: SyncOptions, status: str) -> None:
-        counts = report.counts
         log.info(
             "sync_finished",
             run_id=report.run_id,
             trigger=options.trigger,
             status=status,
-            audiences=counts.audiences,
-            entered=counts.entered,
-            exited=counts.exited,
-            delivered=counts.delivered,
-            pending=counts.pending,
-            rejected=counts.rejected,
+            **asdict(report.counts),
             deletes_pending=sum(d.pending for d in report.deletions),
             skipped_audiences=len(report.problems),
             duration_seconds=round(report.duration_seconds, 3),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -720,12 +720,7 @@ class Repository:
                         trigger=trigger,
                         started_at=utcnow(),
                         status="running",
-                        audiences=0,
-                        entered=0,
-                        exited=0,
-                        delivered=0,
-                        pending=0,
-                        rejected=0,
+                        **asdict(RunCounts()),
                     )
                     .returning(runs.c.id)
                 ).scalar_one()
@@ -739,17 +734,7 @@ class Repository:
             connection.execute(
                 update(runs)
                 .where(runs.c.id == run_id)
-                .values(
-                    finished_at=utcnow(),
-                    status=status,
-                    audiences=counts.audiences,
-                    entered=counts.entered,
-                    exited=counts.exited,
-                    delivered=counts.delivered,
-                    pending=counts.pending,
-                    rejected=counts.rejected,
-                    error=error,
-                )
+                .values(finished_at=utcnow(), status=status, error=error, **asdict(counts))
             )
 
     # --- membership reads, for tests and inspection ---
