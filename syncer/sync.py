@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Protocol, TypeVar
 
+import certifi
 import structlog
 
 from syncer.core.outcomes import OutcomeKind
@@ -52,6 +54,20 @@ from syncer.store.repository import (
 log = structlog.get_logger("syncer.sync")
 
 T = TypeVar("T")
+
+
+async def gather_or_cancel(coroutines: Sequence[Coroutine[object, object, T]]) -> list[T]:
+    """Run the coroutines concurrently and return their results in order.
+
+    If one raises, the others are cancelled (so that nothing goes on using clients about to be
+    closed) and its exception is raised as it is, not wrapped in an ExceptionGroup.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def holder_is_dead(holder: str) -> bool:
@@ -189,12 +205,8 @@ class SyncEngine:
     ) -> None:
         self.settings = settings
         self.repository = repository
-        self._transport_factory = transport_factory or (
-            lambda: HttpxTransport(
-                timeout_seconds=settings.delivery.timeout_seconds,
-                max_connections=settings.delivery.concurrency,
-            )
-        )
+        self._transport_factory = transport_factory or self._default_transport
+        self._tls: ssl.SSLContext | None = None
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         workers = 1 if repository.engine.dialect.name == "sqlite" else 4
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syncer-db")
@@ -203,6 +215,16 @@ class SyncEngine:
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[object] | None = None
+
+    def _default_transport(self) -> Transport:
+        # Building a TLS context costs tens of milliseconds: one serves every URL and run.
+        if self._tls is None:
+            self._tls = ssl.create_default_context(cafile=certifi.where())
+        return HttpxTransport(
+            timeout_seconds=self.settings.delivery.timeout_seconds,
+            max_connections=self.settings.delivery.concurrency,
+            tls=self._tls,
+        )
 
     def close(self) -> None:
         """Stop the database worker threads."""
@@ -359,8 +381,8 @@ class SyncEngine:
         transports = {url: self._transport_factory() for url in urls}
         status, error = "failed", None
         try:
-            results = await asyncio.gather(
-                *(
+            results = await gather_or_cancel(
+                [
                     self._sync_url(
                         self._sender(url, transports[url]),
                         destination_ids[url],
@@ -372,7 +394,7 @@ class SyncEngine:
                         progress or _NoProgress(),
                     )
                     for url in urls
-                )
+                ]
             )
             for deletion_report, pair_reports in results:
                 report.deletions.append(deletion_report)
@@ -680,13 +702,13 @@ class SyncEngine:
         namespace = await self._db(self.repository.message_namespace)
         transports = {url: self._transport_factory() for url in urls}
         try:
-            deletion_reports = await asyncio.gather(
-                *(
+            deletion_reports = await gather_or_cancel(
+                [
                     self._deliver_deletions(
                         self._sender(url, transports[url]), destination_ids[url], namespace
                     )
                     for url in urls
-                )
+                ]
             )
         finally:
             self._senders.clear()

@@ -45,7 +45,7 @@ def _postgres_database() -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty real database: a SQLite file, and PostgreSQL when SYNCER_TEST_DATABASE_URL is set."""
+    """An empty real database: a SQLite file, or PostgreSQL if SYNCER_TEST_DATABASE_URL is set."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'syncer.db'}"
     else:
@@ -107,7 +107,9 @@ class Upstream:
 
     def update_audience(self, audience_id: str, **values: Any) -> None:
         with self.engine.begin() as connection:
-            connection.execute(update(audiences).where(audiences.c.id == audience_id).values(**values))
+            connection.execute(
+                update(audiences).where(audiences.c.id == audience_id).values(**values)
+            )
 
     def add(
         self,
@@ -142,7 +144,9 @@ class Upstream:
     def set_members(self, audience_id: str, user_ids: set[str]) -> None:
         with self.engine.begin() as connection:
             connection.execute(
-                delete(audience_memberships).where(audience_memberships.c.audience_id == audience_id)
+                delete(audience_memberships).where(
+                    audience_memberships.c.audience_id == audience_id
+                )
             )
             if user_ids:
                 connection.execute(
@@ -182,7 +186,10 @@ def sent_values(standin: TrayStandin, path: str) -> list[tuple[str, str, Any]]:
 
 
 def run_cli(
-    *args: str, settings: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str,
+    settings: Path | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``syncer`` command in a subprocess."""
     command = [sys.executable, "-m", "syncer"]

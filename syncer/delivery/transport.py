@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,7 +46,9 @@ def _excerpt(raw: bytes) -> str:
 class HttpxTransport:
     """A keep-alive httpx client: redirects not followed, TLS verified, time and size bounded."""
 
-    def __init__(self, *, timeout_seconds: float, max_connections: int) -> None:
+    def __init__(
+        self, *, timeout_seconds: float, max_connections: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._timeout_seconds = timeout_seconds
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
@@ -55,7 +58,7 @@ class HttpxTransport:
             timeout=httpx.Timeout(timeout_seconds),
             headers={"User-Agent": "engage-audience-syncer"},
             transport=httpx.AsyncHTTPTransport(
-                verify=True,
+                verify=tls if tls is not None else True,
                 limits=limits,
                 # Small request/response exchanges on keep-alive connections: never let Nagle's
                 # algorithm hold a write back waiting for an ACK.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from syncer.core.signing import sign
 from syncer.store.repository import Repository
-from syncer.sync import SyncOptions
 from syncer.testing.tray_standin import TrayStandin
 from tests.conftest import SECRET, Upstream, run_sync, sent_values
 
