@@ -91,16 +91,14 @@ class Inspection:
                     outbox.c.destination_id,
                     outbox.c.audience_id,
                     outbox.c.value,
-                    outbox.c.status != STATUS_PENDING,
+                    outbox.c.status,
                     func.count(),
                 ).group_by(
-                    outbox.c.destination_id,
-                    outbox.c.audience_id,
-                    outbox.c.value,
-                    outbox.c.status != STATUS_PENDING,
+                    outbox.c.destination_id, outbox.c.audience_id, outbox.c.value, outbox.c.status
                 )
             ):
-                queued[(row[0], row[1], row[2], bool(row[3]))] = row[4]
+                key = (row[0], row[1], row[2], row[3] != STATUS_PENDING)
+                queued[key] = queued.get(key, 0) + row[4]
             synced = {
                 (row.destination_id, row.audience_id): row.last_success_at
                 for row in connection.execute(select(pair_state))

@@ -1,0 +1,303 @@
+"""Helpers for the tests that drive the real ``syncer`` command in subprocesses.
+
+Settings files written as TOML, the command run as a child process (one at a time, several at
+once, or as a long-lived daemon), waiting for conditions, and reading databases back whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import MetaData, select
+
+from syncer.store.database import create_database_engine, migrate
+from syncer.store.repository import Repository
+from syncer.sync import SyncEngine, SyncOptions, SyncReport
+from tests.conftest import SECRET, Upstream, make_settings
+
+# The fast-retry delivery settings the in-process tests use (see conftest.make_settings).
+FAST_DELIVERY: dict[str, Any] = {
+    "concurrency": 4,
+    "timeout_seconds": 5,
+    "max_attempts": 3,
+    "backoff_base_seconds": 0.01,
+    "backoff_max_seconds": 0.05,
+    "retry_after_max_seconds": 0.2,
+}
+
+CLI_TIMEOUT_SECONDS = 60
+T = TypeVar("T")
+
+Result = subprocess.CompletedProcess[str]
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as a TOML value (strings, numbers, booleans and lists of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid in TOML basic strings
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_text(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """A TOML document of one table per section."""
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def settings_sections(
+    database_url: str,
+    urls: Sequence[str],
+    *,
+    secret: str | None = SECRET,
+    delivery: Mapping[str, Any] | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    log_level: str = "INFO",
+    log_format: str = "json",
+) -> dict[str, dict[str, Any]]:
+    """The sections of a test settings file, as a mapping a test may still change."""
+    tray: dict[str, Any] = {"workflow_urls": list(urls)}
+    if secret is not None:
+        tray["shared_secret"] = secret
+    sections: dict[str, dict[str, Any]] = {
+        "database": {"url": database_url},
+        "tray": tray,
+        "engage": {"space_id": "spa_test"},
+        "delivery": {**FAST_DELIVERY, **(delivery or {})},
+        "logging": {"level": log_level, "format": log_format},
+    }
+    if schedule:
+        sections["schedule"] = dict(schedule)
+    return sections
+
+
+def write_settings(path: Path, database_url: str, urls: Sequence[str], **options: Any) -> Path:
+    """Write a settings file for a subprocess run; return its path."""
+    path.write_text(toml_text(settings_sections(database_url, urls, **options)), encoding="utf-8")
+    return path
+
+
+def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: ours without any SYNCER_* variable, plus ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
+    full.update(env or {})
+    return full
+
+
+def cli_command(*args: str, settings: Path | None = None) -> list[str]:
+    """The argv of ``python -m syncer [--settings S] ARGS``."""
+    command = [sys.executable, "-m", "syncer"]
+    if settings is not None:
+        command += ["--settings", str(settings)]
+    return command + list(args)
+
+
+def cli(
+    *args: str,
+    settings: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = CLI_TIMEOUT_SECONDS,
+) -> Result:
+    """Run the real ``syncer`` command to completion."""
+    return subprocess.run(
+        cli_command(*args, settings=settings),
+        capture_output=True,
+        text=True,
+        env=cli_env(env),
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def parallel(*calls: Callable[[], T]) -> list[T]:
+    """Call independent functions at once (e.g. read-only commands); their results in order."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
+def cli_many(*commands: Sequence[str], settings: Path | None = None, **kwargs: Any) -> list[Result]:
+    """Run several independent commands at once, with the same settings."""
+    return parallel(*(partial(cli, *args, settings=settings, **kwargs) for args in commands))
+
+
+def show(result: Result) -> str:
+    """A failed assertion's explanation: the command, its status and its output."""
+    return (
+        f"$ {' '.join(map(str, result.args))}\nexit status {result.returncode}\n"
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    )
+
+
+def json_out(result: Result) -> Any:
+    """The JSON a successful ``--format json`` command printed."""
+    assert result.returncode == 0, show(result)
+    return json.loads(result.stdout)
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``condition`` until it is truthy (and return it); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """``syncer daemon`` as a real child process, its standard error logged to a file."""
+
+    def __init__(self, settings: Path, log_path: Path, env: Mapping[str, str] | None = None):
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            cli_command("daemon", settings=settings),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=cli_env(env),
+        )
+
+    def stderr(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON log line written so far (a line being written is skipped)."""
+        found = []
+        for line in self.stderr().splitlines():
+            try:
+                parsed = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(parsed, dict):
+                found.append(parsed)
+        return found
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == event]
+
+    def wait_for_event(self, event: str, count: int = 1, timeout: float = 15) -> list[Any]:
+        def enough() -> list[dict[str, Any]] | None:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {self.process.returncode} before {count} {event}:\n"
+                    + self.stderr()
+                )
+            found = self.named(event)
+            return found if len(found) >= count else None
+
+        result: list[Any] = wait_until(enough, timeout, f"{count} {event} line(s)")
+        return result
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, float]:
+        """Send ``signum``; return the exit status and the seconds it took to exit."""
+        started = time.monotonic()
+        self.process.send_signal(signum)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"daemon still running {timeout}s after {signal.Signals(signum).name}:\n"
+                + self.stderr()
+            ) from None
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+@contextmanager
+def running_daemon(
+    settings: Path, log_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[DaemonProcess]:
+    """A daemon that is killed (by its own pid) however the test ends."""
+    daemon = DaemonProcess(settings, log_path, env)
+    try:
+        yield daemon
+    finally:
+        daemon.kill()
+
+
+@contextmanager
+def sqlite_upstream(path: Path) -> Iterator[tuple[str, Upstream]]:
+    """A migrated SQLite database at ``path`` and an upstream writer for it."""
+    url = f"sqlite:///{path}"
+    engine = create_database_engine(url)
+    migrate(engine)
+    try:
+        yield url, Upstream(Repository(engine))
+    finally:
+        engine.dispose()
+
+
+def sync_in_process(database_url: str, urls: Sequence[str]) -> SyncReport:
+    """A real sync run in this process: for setting the scene quicker than a process start."""
+    engine = create_database_engine(database_url)
+    sync = SyncEngine(make_settings(database_url, list(urls), **FAST_DELIVERY), Repository(engine))
+    try:
+        return sync.run(SyncOptions())
+    finally:
+        sync.close()
+        engine.dispose()
+
+
+def dump_tables(database_url: str) -> str:
+    """Every row of every table, as text: for looking for what must never be stored."""
+    engine = create_database_engine(database_url)
+    try:
+        metadata = MetaData()
+        metadata.reflect(engine)
+        parts = []
+        with engine.connect() as connection:
+            for table in metadata.sorted_tables:
+                rows = connection.execute(select(table)).all()
+                parts.append(f"## {table.name}\n" + "\n".join(repr(tuple(r)) for r in rows))
+        return "\n".join(parts)
+    finally:
+        engine.dispose()
+
+
+def db_rows(database_url: str, table: str) -> list[dict[str, Any]]:
+    """Every row of one table, as dicts."""
+    engine = create_database_engine(database_url)
+    try:
+        metadata = MetaData()
+        metadata.reflect(engine, only=[table])
+        with engine.connect() as connection:
+            return [dict(r._mapping) for r in connection.execute(select(metadata.tables[table]))]
+    finally:
+        engine.dispose()
