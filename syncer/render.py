@@ -15,7 +15,21 @@ from rich.table import Table
 Column = tuple[str, str]  # (header, record key)
 
 
+def printable(value: Any) -> Any:
+    """``value`` with every string made safe to print: bytes that were not UTF-8 in the
+    database (read as lone surrogates) are shown as ``\\xNN`` escapes instead of breaking output.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable(item) for item in value]
+    return value
+
+
 def _cell(value: Any) -> str:
+    value = printable(value)
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -25,7 +39,7 @@ def _cell(value: Any) -> str:
 
 def print_json(data: Any) -> None:
     """Write ``data`` as indented JSON to standard output."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(printable(data), indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str = "") -> None:

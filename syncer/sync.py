@@ -375,7 +375,8 @@ class SyncEngine:
                 report.problems.append(KeyProblem(row.audience_id, f"key {key!r} was just taken"))
         held, approved = await self._db(self._guard, locked, destination_ids, True)
         report.held = held
-        report.run_id = await self._db(self.repository.start_run, options.trigger)
+        await self._db(self.repository.mark_crashed_runs, holder_is_dead)
+        report.run_id = await self._db(self.repository.start_run, options.trigger, self._holder)
         namespace = await self._db(self.repository.message_namespace)
         # One client per URL: a slow URL must not hold connections another URL needs.
         transports = {url: self._transport_factory() for url in urls}

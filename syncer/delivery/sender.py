@@ -134,9 +134,11 @@ async def pump(
 ) -> None:
     """Send everything ``outgoing`` yields with at most ``concurrency`` requests in flight.
 
-    Results are handed to ``record`` in small batches as they come, so that after a crash at
-    most the requests in flight and one unrecorded batch are sent again. Stops taking new work
-    once the URL is unavailable. On cancellation, what was already answered is still recorded.
+    Results are handed to ``record`` in small batches as they come (every ``flush_size``,
+    default ``concurrency``, answers), so that after a crash only the requests in flight and the
+    answers not yet recorded are sent again: fewer than 4 x ``concurrency`` (a batch being
+    recorded, answers that arrived meanwhile, requests in flight). Stops taking new work once the
+    URL is unavailable. On cancellation, what was already answered is still recorded.
     """
     flush_at = flush_size or concurrency
     queue: asyncio.Queue[Outgoing[Ref] | None] = asyncio.Queue(maxsize=concurrency)

@@ -7,7 +7,7 @@ statements, and every read that can grow with an audience is streamed or paged i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -710,7 +710,24 @@ class Repository:
 
     # --- runs ---
 
-    def start_run(self, trigger: str) -> int:
+    def mark_crashed_runs(self, is_dead: Callable[[str], bool]) -> int:
+        """Mark as crashed the runs still "running" whose process ``is_dead`` says is gone."""
+        with self.engine.begin() as connection:
+            running = connection.execute(
+                select(runs.c.id, runs.c.holder).where(
+                    runs.c.status == "running", runs.c.holder.is_not(None)
+                )
+            ).all()
+            dead = [row.id for row in running if is_dead(row.holder)]
+            if dead:
+                connection.execute(
+                    update(runs)
+                    .where(runs.c.id.in_(dead), runs.c.status == "running")
+                    .values(status="crashed", error="the process running it died")
+                )
+        return len(dead)
+
+    def start_run(self, trigger: str, holder: str | None = None) -> int:
         """Record the start of a run; return its id."""
         with self.engine.begin() as connection:
             return int(
@@ -720,6 +737,7 @@ class Repository:
                         trigger=trigger,
                         started_at=utcnow(),
                         status="running",
+                        holder=holder,
                         **asdict(RunCounts()),
                     )
                     .returning(runs.c.id)

@@ -129,6 +129,7 @@ runs = Table(
     Column("pending", Integer, nullable=False),
     Column("rejected", Integer, nullable=False),
     Column("error", Text, nullable=True),
+    Column("holder", Text, nullable=True),  # "host:pid:nonce" of the process running it
     sqlite_autoincrement=True,
 )
 

@@ -1,0 +1,26 @@
+"""Which process a run belongs to, so that a run whose process died can be marked crashed.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("syncer_runs") as batch:
+        batch.add_column(sa.Column("holder", sa.Text, nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("syncer_runs") as batch:
+        batch.drop_column("holder")
