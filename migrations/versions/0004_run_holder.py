@@ -1,4 +1,5 @@
-"""Which process a run belongs to, so that a run whose process died can be marked crashed.
+"""Which process a run belongs to (so that a run whose process died can be marked crashed),
+and an index that lets delivery page through one (URL, audience)'s outbox by id without sorting.
 
 Revision ID: 0004
 Revises: 0003
@@ -19,8 +20,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("syncer_runs") as batch:
         batch.add_column(sa.Column("holder", sa.Text, nullable=True))
+    op.create_index(
+        "ix_syncer_outbox_pair_id", "syncer_outbox", ["destination_id", "audience_id", "id"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_syncer_outbox_pair_id", "syncer_outbox")
     with op.batch_alter_table("syncer_runs") as batch:
         batch.drop_column("holder")

@@ -111,6 +111,7 @@ outbox = Table(
     Column("last_attempt_at", DateTime, nullable=True),
     UniqueConstraint("destination_id", "audience_id", "user_id", name="uq_syncer_outbox_change"),
     Index("ix_syncer_outbox_user", "user_id"),
+    Index("ix_syncer_outbox_pair_id", "destination_id", "audience_id", "id"),
     sqlite_autoincrement=True,
 )
 
