@@ -15,9 +15,18 @@ import click
 import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.exc import DBAPIError
 
 from syncer.daemon import Daemon
-from syncer.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNDELIVERED, ConfigError, SyncerError
+from syncer.errors import (
+    EXIT_DATABASE,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_UNDELIVERED,
+    EXIT_USAGE,
+    ConfigError,
+    SyncerError,
+)
 from syncer.logs import configure_logging
 from syncer.render import print_json, print_table
 from syncer.settings import Settings, load_settings, resolve_settings_path
@@ -52,27 +61,7 @@ class App:
         return Repository(engine)
 
 
-class SyncerGroup(click.Group):
-    """Turns every known error into one line on standard error and its exit status."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SyncerError as error:
-            click.echo(f"syncer: error: {error}", err=True)
-            ctx.exit(error.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except KeyboardInterrupt:
-            click.echo("syncer: interrupted", err=True)
-            ctx.exit(130)
-        except Exception as error:  # the one place an unexpected failure becomes an exit status
-            log.exception("internal_error")
-            click.echo(f"syncer: internal error: {type(error).__name__}: {error}", err=True)
-            ctx.exit(EXIT_INTERNAL)
-
-
-@click.group(cls=SyncerGroup)
+@click.group()
 @click.option(
     "--settings",
     "settings_path",
@@ -127,7 +116,7 @@ def _print_summary(report: SyncReport) -> None:
         f"run {report.run_id}: {counts.audiences} audience(s) x "
         f"{len({p.url for p in report.pairs})} URL(s): {counts.entered} entered, "
         f"{counts.exited} exited, {counts.delivered} delivered, {counts.pending} pending, "
-        f"{counts.rejected} rejected in {report.duration_seconds:.2f}s"
+        f"{counts.rejected} rejected, {counts.parked} parked in {report.duration_seconds:.2f}s"
     )
     for problem in report.problems:
         click.echo(f"  skipped audience {problem.audience_id}: {problem.reason}")
@@ -296,7 +285,7 @@ FORMAT_OPTION = click.option(
 )
 
 
-@main.group(name="inspect", cls=SyncerGroup)
+@main.group(name="inspect")
 def inspect_group() -> None:
     """Look at audiences, members, users, runs and failures."""
 
@@ -421,7 +410,8 @@ def inspect_runs(app: App, limit: int, output_format: str) -> None:
         [("RUN", "id"), ("TRIGGER", "trigger"), ("STARTED", "started_at"),
          ("SECONDS", "duration_seconds"), ("STATUS", "status"), ("AUDIENCES", "audiences"),
          ("ENTERED", "entered"), ("EXITED", "exited"), ("DELIVERED", "delivered"),
-         ("PENDING", "pending"), ("REJECTED", "rejected"), ("ERROR", "error")],
+         ("PENDING", "pending"), ("REJECTED", "rejected"), ("PARKED", "parked"),
+         ("ERROR", "error")],
     )  # fmt: skip
 
 
@@ -447,6 +437,38 @@ def inspect_failures(app: App, limit: int, output_format: str) -> None:
     )  # fmt: skip
 
 
-def run() -> None:
-    """Console-script entry point."""
-    main(prog_name="syncer")
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point, and the one place an error becomes a line and a status."""
+    try:
+        result = main.main(args=argv, prog_name="syncer", standalone_mode=False)
+        code = result if isinstance(result, int) else EXIT_OK
+    except SyncerError as error:
+        click.echo(f"syncer: error: {_one_line(error)}", err=True)
+        code = error.exit_code
+    except click.UsageError as error:
+        hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
+        click.echo(f"syncer: error: {_one_line(error.format_message())}{hint}", err=True)
+        code = EXIT_USAGE
+    except click.ClickException as error:
+        click.echo(f"syncer: error: {_one_line(error.format_message())}", err=True)
+        code = error.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("syncer: interrupted", err=True)
+        code = 130
+    except DBAPIError as error:
+        # The driver's own message, without the statement and its parameters.
+        click.echo(f"syncer: error: database error: {_one_line(error.orig)}", err=True)
+        code = EXIT_DATABASE
+    except Exception as error:
+        log.debug("internal_error", exc_info=True)
+        click.echo(
+            f"syncer: internal error: {type(error).__name__}: {_one_line(error)} "
+            '(set [logging] level = "DEBUG" for the traceback)',
+            err=True,
+        )
+        code = EXIT_INTERNAL
+    sys.exit(code)

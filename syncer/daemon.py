@@ -6,6 +6,7 @@ when; every run is the same tested function a manual ``syncer sync`` calls.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from datetime import UTC, datetime
@@ -88,6 +89,10 @@ class Daemon:
         )
         self.scheduler.start()
         if not self.idle.wait(STOP_DEADLINE_SECONDS):
+            # Whatever is still running was cancelled and cannot be waited for any longer;
+            # nothing is lost: unrecorded requests are sent again, same messageId, next run.
             log.warning("daemon_stop_deadline_passed")
+            log.info("daemon_stopped")
+            os._exit(0)
         log.info("daemon_stopped")
         return 0

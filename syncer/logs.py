@@ -1,4 +1,8 @@
-"""Structured logs on standard error: JSON lines for machines, or key=value for people."""
+"""Structured logs on standard error: JSON lines for machines, or key=value for people.
+
+Libraries that log through the standard ``logging`` module (APScheduler, Alembic) are rendered
+by the same processors, so the stream stays one format.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,35 @@ import structlog
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Set up structlog once for the process."""
+    """Set up structlog, and route the standard logging module through it."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Library chatter (APScheduler announces every job run) only from WARNING up.
+    root.setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -57,12 +57,29 @@ class TraySettings(_Section):
     def _valid_urls(cls, urls: list[str]) -> list[str]:
         if not 1 <= len(urls) <= MAX_WORKFLOW_URLS:
             raise ValueError(f"{len(urls)} URLs given; 1 to {MAX_WORKFLOW_URLS} are allowed")
+        seen: dict[tuple[str, str, int, str, str], str] = {}
         for url in urls:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            parts = urlsplit(url.strip())
+            scheme = parts.scheme.lower()
+            try:
+                port = parts.port
+            except ValueError:
+                raise ValueError(f"{url!r} has an invalid port") from None
+            if scheme not in ("http", "https") or not parts.hostname or url != url.strip():
                 raise ValueError(f"{url!r} is not an http:// or https:// URL")
-        if len(set(urls)) != len(urls):
-            raise ValueError("a URL is listed twice")
+            # The same workflow written twice (case, default port, trailing slash) would be told
+            # everything twice under different messageIds.
+            default_port = 443 if scheme == "https" else 80
+            same = (
+                scheme,
+                parts.hostname,
+                port or default_port,
+                parts.path.rstrip("/"),
+                parts.query,
+            )
+            if same in seen:
+                raise ValueError(f"{url!r} is the same workflow as {seen[same]!r}")
+            seen[same] = url
         return urls
 
     @property
@@ -206,6 +223,8 @@ def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Sett
     try:
         settings = Settings.model_validate(data)
     except ValidationError as error:
+        if database_url and tuple(error.errors()[0]["loc"][:2]) == ("database", "url"):
+            source = DATABASE_URL_ENV
         raise ConfigError(_describe(error, source)) from None
     url = _absolute_sqlite_url(settings.database.url, base)
     if url.startswith("postgresql://"):

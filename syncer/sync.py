@@ -106,8 +106,8 @@ class PairReport:
     exited: int = 0
     delivered: int = 0
     pending: int = 0
-    rejected: int = 0  # refused for good, parked ones included
-    parked: int = 0
+    rejected: int = 0  # refused for good this time; tried again next run
+    parked: int = 0  # rejected too often, or invalid input: waits for `syncer retry`
     note: str = ""
 
     @property
@@ -146,11 +146,16 @@ class SyncReport:
             delivered=sum(pair.delivered for pair in self.pairs),
             pending=sum(pair.pending for pair in self.pairs),
             rejected=sum(pair.rejected for pair in self.pairs),
+            parked=sum(pair.parked for pair in self.pairs),
         )
 
     @property
     def fully_delivered(self) -> bool:
-        """True when no change or delete was left pending or rejected."""
+        """True when no change or delete was left pending or rejected.
+
+        Parked changes do not count: they are reported, and wait for `syncer retry`, but no
+        later run would deliver them by itself, so they must not make every run a failure.
+        """
         counts = self.counts
         return (
             counts.pending == 0
@@ -375,6 +380,7 @@ class SyncEngine:
                 report.problems.append(KeyProblem(row.audience_id, f"key {key!r} was just taken"))
         held, approved = await self._db(self._guard, locked, destination_ids, True)
         report.held = held
+        await self._db(self.repository.refresh_statistics)
         await self._db(self.repository.mark_crashed_runs, holder_is_dead)
         report.run_id = await self._db(self.repository.start_run, options.trigger, self._holder)
         namespace = await self._db(self.repository.message_namespace)
@@ -591,7 +597,7 @@ class SyncEngine:
         planned = await self._db(
             repository.plan, destination_id, row.audience_id, full=options.full
         )
-        report.entered, report.exited = planned.entered, planned.exited
+        report.entered, report.exited = planned.new_entered, planned.new_exited
         progress.planned(sender.url, planned.entered + planned.exited)
         computation = Computation("audience", row.audience_id, key, self.settings.engage.space_id)
 
@@ -678,7 +684,7 @@ class SyncEngine:
         statuses = await self._db(repository.status_counts, destination_id, row.audience_id)
         report.pending = statuses.get(STATUS_PENDING, 0)
         report.parked = statuses.get(STATUS_PARKED, 0)
-        report.rejected = statuses.get(STATUS_REJECTED, 0) + report.parked
+        report.rejected = statuses.get(STATUS_REJECTED, 0)
         if sender.down:
             report.note = "URL unavailable this run; changes kept for the next run"
         elif sender.stopped and report.pending:

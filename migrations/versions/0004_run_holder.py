@@ -1,4 +1,5 @@
 """Which process a run belongs to (so that a run whose process died can be marked crashed),
+how many changes it left parked,
 and an index that lets delivery page through one (URL, audience)'s outbox by id without sorting.
 
 Revision ID: 0004
@@ -20,6 +21,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("syncer_runs") as batch:
         batch.add_column(sa.Column("holder", sa.Text, nullable=True))
+        batch.add_column(sa.Column("parked", sa.Integer, nullable=False, server_default="0"))
     op.create_index(
         "ix_syncer_outbox_pair_id", "syncer_outbox", ["destination_id", "audience_id", "id"]
     )
@@ -28,4 +30,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_syncer_outbox_pair_id", "syncer_outbox")
     with op.batch_alter_table("syncer_runs") as batch:
+        batch.drop_column("parked")
         batch.drop_column("holder")

@@ -161,14 +161,14 @@ async def pump(
                 await flush()
 
     async def produce() -> None:
-        try:
-            async for item in outgoing:
-                if sender.unavailable:
-                    break
-                await queue.put(item)
-        finally:
-            for _ in range(concurrency):
-                await queue.put(None)
+        async for item in outgoing:
+            if sender.unavailable:
+                break
+            await queue.put(item)
+        # Only on a normal end: when cancelled, the workers are cancelled too, and waiting to
+        # put into a full queue nobody reads any more would hang the whole run.
+        for _ in range(concurrency):
+            await queue.put(None)
 
     try:
         async with asyncio.TaskGroup() as group:

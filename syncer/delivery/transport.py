@@ -85,8 +85,9 @@ class HttpxTransport:
             return Response(status=None, error=f"timed out after {self._timeout_seconds:g}s")
         except httpx.TimeoutException as error:
             return Response(status=None, error=f"timed out ({type(error).__name__})")
-        except httpx.HTTPError as error:
-            # The message names the host and reason; it never holds headers, so no secret.
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError, OverflowError) as error:
+            # Whatever goes wrong with one URL is that URL's failure, never the run's. The
+            # message names the host and reason; it never holds headers, so no secret.
             return Response(status=None, error=f"{type(error).__name__}: {error}"[:300])
 
     async def aclose(self) -> None:

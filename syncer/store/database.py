@@ -72,19 +72,23 @@ def migrate(engine: Engine) -> tuple[str | None, str | None]:
             command.upgrade(config, "head")
             after = MigrationContext.configure(connection).get_current_revision()
     except OperationalError as error:
-        raise DatabaseUnavailable(
-            f"cannot migrate {safe_url(str(engine.url))}: {error.orig}"
-        ) from None
+        reason = " ".join(str(error.orig).split())
+        raise DatabaseUnavailable(f"cannot migrate {safe_url(str(engine.url))}: {reason}") from None
     return before, after
 
 
 def check_schema(engine: Engine) -> None:
     """Fail with a clear message unless the database is reachable and fully migrated."""
+    database = engine.url.database
+    sqlite_file = engine.dialect.name == "sqlite" and database and database != ":memory:"
+    if sqlite_file and not Path(str(database)).exists():
+        # Connecting would create an empty file: say what is wrong instead.
+        raise DatabaseUnavailable(f"no database at {database}: run `syncer migrate` to create it")
     try:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as error:
-        reason = getattr(error, "orig", None) or error
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
         raise DatabaseUnavailable(
             f"cannot reach database {safe_url(str(engine.url))}: {reason}"
         ) from None

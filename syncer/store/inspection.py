@@ -265,6 +265,7 @@ class Inspection:
                 "delivered": row.delivered,
                 "pending": row.pending,
                 "rejected": row.rejected,
+                "parked": row.parked,
                 "error": row.error,
             }
             for row in rows

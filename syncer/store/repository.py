@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -95,10 +95,13 @@ class PendingDeletion:
 
 @dataclass(frozen=True)
 class ChangeCounts:
-    """How many entries (true) and exits (false) a (URL, audience) pair has queued."""
+    """How many entries (true) and exits (false) a (URL, audience) pair has queued, and how
+    many of those a plan has just found (the rest were queued by earlier runs)."""
 
     entered: int
     exited: int
+    new_entered: int = 0
+    new_exited: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class RunCounts:
     delivered: int = 0
     pending: int = 0
     rejected: int = 0
+    parked: int = 0
 
 
 def _dialect_insert(connection: Connection, table: Any) -> Any:
@@ -149,6 +153,20 @@ class Repository:
                 select(meta.c.value).where(meta.c.name == "message_namespace")
             ).scalar_one()
         return uuid.UUID(value)
+
+    def refresh_statistics(self) -> None:
+        """Let PostgreSQL's planner see the tables as they are now.
+
+        Upstream bulk loads and a first sync change row counts by orders of magnitude between
+        runs; with stale statistics PostgreSQL may pick a nested-loop anti-join for the diff that
+        runs for minutes instead of a second. SQLite's planner needs no statistics here.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return
+        with self.engine.begin() as connection:
+            connection.exec_driver_sql(
+                "ANALYZE audience_memberships, syncer_delivered, syncer_outbox"
+            )
 
     # --- audiences and keys ---
 
@@ -297,9 +315,10 @@ class Repository:
                 connection.execute(
                     update(outbox).where(in_pair, outbox.c.value == TRUE).values(forced=True)
                 )
-            connection.execute(insert(outbox).from_select(columns, entries))
-            connection.execute(insert(outbox).from_select(columns, exits))
-            return self._counts(connection, destination_id, audience_id)
+            new_entered = connection.execute(insert(outbox).from_select(columns, entries)).rowcount
+            new_exited = connection.execute(insert(outbox).from_select(columns, exits)).rowcount
+            queued = self._counts(connection, destination_id, audience_id)
+            return replace(queued, new_entered=new_entered, new_exited=new_exited)
 
     def _counts(
         self, connection: Connection, destination_id: int, audience_id: str
@@ -581,6 +600,18 @@ class Repository:
                 _dialect_insert(connection, deleted_users).on_conflict_do_nothing(),
                 [{"user_id": user_id, "requested_at": now} for user_id in user_ids],
             )
+            # Every URL configured now, and every URL ever told about the user even if it is
+            # not configured now: should it come back, its delete is waiting for it.
+            owed = {(user, destination) for user in user_ids for destination in destination_ids}
+            for table in (delivered, outbox):
+                owed |= {
+                    (row[0], row[1])
+                    for row in connection.execute(
+                        select(table.c.user_id, table.c.destination_id)
+                        .where(table.c.user_id.in_(user_ids))
+                        .distinct()
+                    )
+                }
             connection.execute(
                 _dialect_insert(connection, deletions).on_conflict_do_nothing(),
                 [
@@ -590,8 +621,7 @@ class Repository:
                         "requested_at": now,
                         "attempts": 0,
                     }
-                    for user_id in user_ids
-                    for destination_id in destination_ids
+                    for user_id, destination_id in sorted(owed)
                 ],
             )
             connection.execute(delete(delivered).where(delivered.c.user_id.in_(user_ids)))
@@ -637,7 +667,11 @@ class Repository:
                     update(deletions)
                     .where(deletions.c.id.in_(accepted))
                     .values(
-                        delivered_at=now, last_attempt_at=now, attempts=deletions.c.attempts + 1
+                        delivered_at=now,
+                        last_attempt_at=now,
+                        attempts=deletions.c.attempts + 1,
+                        last_status=None,
+                        last_error=None,
                     )
                 )
             if failed:

@@ -131,6 +131,7 @@ runs = Table(
     Column("rejected", Integer, nullable=False),
     Column("error", Text, nullable=True),
     Column("holder", Text, nullable=True),  # "host:pid:nonce" of the process running it
+    Column("parked", Integer, nullable=False, server_default="0"),
     sqlite_autoincrement=True,
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,8 @@ from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, sent_values
 from tests.integration.cli_helpers import (
     cli,
+    cli_command,
+    cli_env,
     json_out,
     running_daemon,
     show,
@@ -229,3 +232,81 @@ def test_daemon_keeps_running_when_the_database_becomes_unusable(
         assert seconds < 10
         failure = daemon.named("sync_failed")[0]
         assert failure["level"] == "error" and failure["error"], failure
+
+
+def hanging_responder(standin: TrayStandin, path: str) -> list[str]:
+    """Make ``path`` answer only after 15 s; return a list that fills as requests arrive."""
+    arrived: list[str] = []
+
+    def respond(_path: str, body: bytes) -> Reply:
+        arrived.append(json.loads(body)["userId"])
+        return Reply(delay_seconds=15)
+
+    standin.respond(path, respond)
+    return arrived
+
+
+def test_sigterm_while_every_request_hangs_still_exits_within_ten_seconds(
+    standin: TrayStandin, tmp_path: Path
+) -> None:
+    """Requests that would take 15 s each: the stop must not wait for them, nor hang."""
+    user_ids = [f"user-{n:04d}" for n in range(200)]
+    with sqlite_upstream(tmp_path / "syncer.db") as (url, upstream):
+        upstream.add_audience("aud_slow", "Slow")
+        upstream.add("aud_slow", *user_ids)
+    arrived = hanging_responder(standin, "/slow")
+    settings = write_settings(
+        tmp_path / "daemon.toml",
+        url,
+        [standin.url("/slow")],
+        delivery={"concurrency": 4, "timeout_seconds": 20, "batch_size": 50},
+        schedule={"interval": "1h"},
+    )
+    with running_daemon(settings, tmp_path / "daemon.log") as daemon:
+        wait_until(lambda: arrived or None, 30, "a first request")
+        code, seconds = daemon.stop(signal.SIGTERM)
+        assert code == 0, daemon.stderr()
+        assert seconds < 10, daemon.stderr()
+    (run,) = json_out(cli("inspect", "runs", "--format", "json", settings=settings))
+    assert run["status"] in ("stopped", "cancelled"), run
+    assert run["delivered"] == 0
+    # Nothing was lost: every member is still owed to the URL.
+    standin.respond("/slow", Reply())
+    catch_up = cli("sync", settings=settings)
+    assert catch_up.returncode == 0, show(catch_up)
+    assert {user for user, _key, _value in sent_values(standin, "/slow")} == set(user_ids)
+
+
+def test_interrupting_a_manual_sync_with_hanging_requests_exits_promptly(
+    standin: TrayStandin, tmp_path: Path
+) -> None:
+    with sqlite_upstream(tmp_path / "syncer.db") as (url, upstream):
+        upstream.add_audience("aud_slow", "Slow")
+        upstream.add("aud_slow", *(f"user-{n:04d}" for n in range(100)))
+    arrived = hanging_responder(standin, "/slow")
+    settings = write_settings(
+        tmp_path / "sync.toml",
+        url,
+        [standin.url("/slow")],
+        delivery={"concurrency": 4, "timeout_seconds": 20, "batch_size": 50},
+    )
+    process = subprocess.Popen(
+        cli_command("sync", settings=settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        text=True,
+    )
+    try:
+        wait_until(lambda: arrived or None, 30, "a first request")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=10)
+        assert time.monotonic() - started < 10
+        assert process.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

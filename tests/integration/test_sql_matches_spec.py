@@ -133,6 +133,10 @@ def test_plan_leaves_exactly_the_specified_changes_and_keeps_kept_ids(
         sum(1 for value in desired.values() if value == FALSE),
     )
     expected = reconcile_outbox({user: value for user, (_id, value) in before.items()}, desired)
+    assert (counts.new_entered, counts.new_exited) == (
+        sum(1 for value in expected.add.values() if value == TRUE),
+        sum(1 for value in expected.add.values() if value == FALSE),
+    )
     for user in expected.keep:
         assert after[user][0] == before[user][0], f"{user}'s queued change lost its id"
     for user in expected.add:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from syncer.core.signing import sign
 from syncer.store.repository import Repository
+from syncer.sync import SyncEngine
 from syncer.testing.tray_standin import TrayStandin
-from tests.conftest import SECRET, Upstream, run_sync, sent_values
+from tests.conftest import SECRET, Upstream, make_settings, run_sync, sent_values
 
 
 def test_first_sync_sends_every_member_then_only_changes(
@@ -86,3 +87,24 @@ def test_request_is_the_documented_identify_call_signed_over_exact_bytes(
     assert "anonymousId" not in bare
     assert bare["traits"] == {"high_value_customers": True}
     assert message["messageId"] != bare["messageId"]
+
+
+def test_a_url_removed_when_a_user_was_deleted_gets_the_delete_when_it_comes_back(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2")
+    both = [standin.url("/a"), standin.url("/b")]
+    run_sync(repository, both)
+    only_b = SyncEngine(make_settings(str(repository.engine.url), [standin.url("/b")]), repository)
+    try:
+        only_b.delete_users(["u1"])
+    finally:
+        only_b.close()
+    assert [r.message["type"] for r in standin.received("/a")] == ["identify", "identify"]
+
+    run_sync(repository, both)
+
+    deletes = [r.message for r in standin.received("/a") if r.message["type"] == "delete"]
+    assert [m["userId"] for m in deletes] == ["u1"]
+    assert len([r for r in standin.received("/b") if r.message["type"] == "delete"]) == 1

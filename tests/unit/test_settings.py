@@ -60,8 +60,20 @@ INVALID = [
     pytest.param(
         valid(tray=tray([URL, "https://b.example/", URL])),
         "tray.workflow_urls",
-        "twice",
+        "same workflow",
         id="duplicate-url",
+    ),
+    pytest.param(
+        valid(tray=tray(["https://b.example/hook", "HTTPS://B.example:443/hook/"])),
+        "tray.workflow_urls",
+        "same workflow",
+        id="duplicate-url-by-case-port-and-slash",
+    ),
+    pytest.param(
+        valid(tray=tray(["http://127.0.0.1:99999/a"])),
+        "tray.workflow_urls",
+        "invalid port",
+        id="port-out-of-range",
     ),
     pytest.param(
         {"tray": {"shared_secret": SECRET}}, "tray.workflow_urls", "required", id="no-urls-key"
