@@ -315,8 +315,10 @@ class Repository:
                 connection.execute(
                     update(outbox).where(in_pair, outbox.c.value == TRUE).values(forced=True)
                 )
-            new_entered = connection.execute(insert(outbox).from_select(columns, entries)).rowcount
-            new_exited = connection.execute(insert(outbox).from_select(columns, exits)).rowcount
+            # Row counts of INSERT ... SELECT are only kept when asked for (SQLAlchemy 2.1).
+            counted = connection.execution_options(preserve_rowcount=True)
+            new_entered = counted.execute(insert(outbox).from_select(columns, entries)).rowcount
+            new_exited = counted.execute(insert(outbox).from_select(columns, exits)).rowcount
             queued = self._counts(connection, destination_id, audience_id)
             return replace(queued, new_entered=new_entered, new_exited=new_exited)
 
