@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -13,14 +14,20 @@ from rich.console import Console
 from rich.table import Table
 
 Column = tuple[str, str]  # (header, record key)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def printable(value: Any) -> Any:
+def printable(value: Any, *, escape_controls: bool = False) -> Any:
     """``value`` with every string made safe to print: bytes that were not UTF-8 in the
     database (read as lone surrogates) are shown as ``\\xNN`` escapes instead of breaking output.
     """
     if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        if not escape_controls:
+            return text
+        # Control characters (a newline in a user id) would break a table's rows; JSON
+        # escapes them itself.
+        return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
     if isinstance(value, dict):
         return {printable(k): printable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -29,7 +36,7 @@ def printable(value: Any) -> Any:
 
 
 def _cell(value: Any) -> str:
-    value = printable(value)
+    value = printable(value, escape_controls=True)
     if value is None:
         return "-"
     if isinstance(value, bool):
