@@ -72,6 +72,7 @@ def settings_sections(
     secret: str | None = SECRET,
     delivery: Mapping[str, Any] | None = None,
     schedule: Mapping[str, Any] | None = None,
+    guard: Mapping[str, Any] | None = None,
     log_level: str = "INFO",
     log_format: str = "json",
 ) -> dict[str, dict[str, Any]]:
@@ -88,6 +89,8 @@ def settings_sections(
     }
     if schedule:
         sections["schedule"] = dict(schedule)
+    if guard:
+        sections["guard"] = dict(guard)
     return sections
 
 
@@ -124,6 +127,7 @@ def cli(
         cli_command(*args, settings=settings),
         capture_output=True,
         text=True,
+        errors="backslashreplace",  # undecodable output is shown, not a crash of the test
         env=cli_env(env),
         cwd=cwd,
         timeout=timeout,

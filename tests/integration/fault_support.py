@@ -8,95 +8,34 @@ syncer's tables.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
 
 from syncer.testing.tray_standin import Received
-from tests.conftest import SECRET
-
-Result = subprocess.CompletedProcess[str]
-
-# Fast retries, as in conftest.make_settings, unless a test asks otherwise.
-FAST_DELIVERY: dict[str, Any] = {
-    "concurrency": 4,
-    "timeout_seconds": 5,
-    "max_attempts": 3,
-    "backoff_base_seconds": 0.01,
-    "backoff_max_seconds": 0.05,
-    "retry_after_max_seconds": 0.2,
-}
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_settings(
-    path: Path,
-    database_url: str,
-    urls: Sequence[str],
-    *,
-    delivery: Mapping[str, Any] | None = None,
-    guard: Mapping[str, Any] | None = None,
-    schedule: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a settings file for child processes; return its path."""
-    sections: dict[str, Mapping[str, Any]] = {
-        "database": {"url": database_url},
-        "tray": {"workflow_urls": list(urls), "shared_secret": SECRET},
-        "engage": {"space_id": "spa_test"},
-        "delivery": {**FAST_DELIVERY, **(delivery or {})},
-        "logging": {"level": "INFO", "format": "json"},
-    }
-    if guard:
-        sections["guard"] = guard
-    if schedule:
-        sections["schedule"] = schedule
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+from tests.integration import cli_helpers as helpers
+from tests.integration.cli_helpers import Result, cli, cli_command, cli_env
+from tests.integration.cli_helpers import show as show
+from tests.integration.cli_helpers import write_settings as write_settings
 
 
 def child_env() -> dict[str, str]:
     """Our environment without any SYNCER_* variable, so only the settings file counts."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
+    return cli_env()
 
 
 def command(settings: Path, *args: str) -> list[str]:
     """The argv of ``python -m syncer --settings SETTINGS ARGS``."""
-    return [sys.executable, "-m", "syncer", "--settings", str(settings), *args]
+    return cli_command(*args, settings=settings)
 
 
 def syncer(settings: Path, *args: str, timeout: float = 60) -> Result:
     """Run the real ``syncer`` command to completion."""
-    return subprocess.run(
-        command(settings, *args),
-        capture_output=True,
-        text=True,
-        errors="backslashreplace",  # undecodable output is shown, not a crash of the test
-        env=child_env(),
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return cli(*args, settings=settings, timeout=timeout)
 
 
 def start(settings: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
@@ -113,14 +52,6 @@ def start(settings: Path, *args: str, log: Path | None = None) -> subprocess.Pop
     finally:
         if log is not None and not isinstance(sink, int):
             sink.close()
-
-
-def show(result: Result) -> str:
-    """A failed assertion's explanation: the command, its status and its output."""
-    return (
-        f"$ {' '.join(map(str, result.args[2:]))}\nexit status {result.returncode}\n"
-        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr[-6000:]}"
-    )
 
 
 def assert_no_crash(output: str, what: str = "") -> None:
@@ -144,15 +75,8 @@ def log_events(output: str) -> list[dict[str, Any]]:
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it is truthy and return it; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
+    """Poll ``condition`` often (kills must land near a given moment) until it is truthy."""
+    return helpers.wait_until(condition, timeout, what, interval=0.005)
 
 
 def settle(count: Callable[[], int], quiet_seconds: float = 0.3, timeout: float = 10) -> int:
