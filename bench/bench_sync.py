@@ -151,6 +151,7 @@ def main() -> None:
             iter(repository.find_destinations(settings.tray.workflow_urls).values())
         )
         started = time.perf_counter()
+        repository.refresh_statistics()  # as every run does first
         repository.plan(destination_id, "large", full=False)
         plan_seconds = time.perf_counter() - started
         seconds, delivered = timed_sync(engine, "large")
