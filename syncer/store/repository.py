@@ -333,11 +333,6 @@ class Repository:
         by_value = {row[0]: row[1] for row in rows}
         return ChangeCounts(entered=by_value.get(TRUE, 0), exited=by_value.get(FALSE, 0))
 
-    def queued_counts(self, destination_id: int, audience_id: str) -> ChangeCounts:
-        """The entries and exits still queued for one (URL, audience)."""
-        with self.engine.connect() as connection:
-            return self._counts(connection, destination_id, audience_id)
-
     def status_counts(self, destination_id: int, audience_id: str) -> dict[str, int]:
         """How many queued changes of one (URL, audience) are pending, rejected or parked."""
         with self.engine.connect() as connection:

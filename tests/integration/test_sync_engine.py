@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from syncer.core.signing import sign
 from syncer.store.repository import Repository
-from syncer.sync import SyncEngine
-from syncer.testing.tray_standin import TrayStandin
+from syncer.sync import SyncEngine, SyncOptions
+from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import SECRET, Upstream, make_settings, run_sync, sent_values
 
 
@@ -108,3 +108,28 @@ def test_a_url_removed_when_a_user_was_deleted_gets_the_delete_when_it_comes_bac
     deletes = [r.message for r in standin.received("/a") if r.message["type"] == "delete"]
     assert [m["userId"] for m in deletes] == ["u1"]
     assert len([r for r in standin.received("/b") if r.message["type"] == "delete"]) == 1
+
+
+def test_a_full_sync_interrupted_by_a_failing_url_is_finished_by_later_runs(
+    repository: Repository, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2", "u3")
+    url = standin.url("/wf")
+    run_sync(repository, [url])
+    standin.clear()
+    standin.respond("/wf", Reply(status=503))
+
+    interrupted = run_sync(repository, [url], SyncOptions(full=True))
+
+    assert not interrupted.fully_delivered
+    standin.respond("/wf", Reply())
+    standin.clear()
+    finished = run_sync(repository, [url])  # a normal run, not --full
+
+    assert finished.fully_delivered
+    assert sorted(sent_values(standin, "/wf")) == [
+        ("u1", "buyers", True),
+        ("u2", "buyers", True),
+        ("u3", "buyers", True),
+    ]
