@@ -34,7 +34,7 @@ from syncer.core.payload import (
     message_id,
     user_input_problem,
 )
-from syncer.core.traits import AudienceIdentity, KeyProblem, resolve_keys
+from syncer.core.traits import KeyProblem
 from syncer.delivery.sender import Attempted, Outgoing, RetryPolicy, UrlSender, pump
 from syncer.delivery.transport import HttpxTransport, Transport
 from syncer.errors import ConfigError
@@ -194,7 +194,7 @@ def select_audiences(
     if wanted is None:
         return [row for row in rows if row.enabled]
     for row in rows:
-        if wanted in (row.audience_id, keys.get(row.audience_id), row.key):
+        if row.is_named(wanted, keys):
             return [row]
     raise ConfigError(f"--audience: no audience has the id or key {wanted!r}")
 
@@ -311,11 +311,7 @@ class SyncEngine:
         return sender
 
     def _resolve(self, options: SyncOptions) -> tuple[list[tuple[AudienceRow, str]], SyncReport]:
-        rows = self.repository.load_audiences()
-        resolution = resolve_keys(
-            [AudienceIdentity(row.audience_id, row.name, row.key) for row in rows],
-            self.repository.locked_keys(),
-        )
+        rows, resolution = self.repository.audiences_with_keys()
         chosen = select_audiences(rows, resolution.keys, options.audience)
         chosen_ids = {row.audience_id for row in chosen}
         report = SyncReport(run_id=None)

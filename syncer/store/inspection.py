@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, select
 
 from syncer.core.payload import message_id
-from syncer.core.traits import AudienceIdentity, resolve_keys
 from syncer.store.repository import STATUS_PENDING, Repository
 from syncer.store.schema import (
     audience_memberships,
@@ -46,11 +45,7 @@ class Inspection:
         return self._repository.find_destinations(urls)
 
     def _keys(self) -> tuple[dict[str, str], dict[str, str]]:
-        rows = self._repository.load_audiences()
-        resolution = resolve_keys(
-            [AudienceIdentity(r.audience_id, r.name, r.key) for r in rows],
-            self._repository.locked_keys(),
-        )
+        _, resolution = self._repository.audiences_with_keys()
         return resolution.keys, {p.audience_id: p.reason for p in resolution.problems}
 
     def _namespace(self) -> uuid.UUID:
@@ -58,9 +53,9 @@ class Inspection:
 
     def find_audience(self, wanted: str) -> str | None:
         """The id of the audience whose id or key is ``wanted``."""
-        keys, _ = self._keys()
-        for row in self._repository.load_audiences():
-            if wanted in (row.audience_id, row.key, keys.get(row.audience_id)):
+        rows, resolution = self._repository.audiences_with_keys()
+        for row in rows:
+            if row.is_named(wanted, resolution.keys):
                 return row.audience_id
         return None
 

@@ -7,7 +7,7 @@ statements, and every read that can grow with an audience is streamed or paged i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 from syncer.core.diff import FALSE, TRUE
+from syncer.core.traits import AudienceIdentity, KeyResolution, resolve_keys
 from syncer.store.schema import (
     audience_keys,
     audience_memberships,
@@ -70,6 +71,10 @@ class AudienceRow:
     name: str
     key: str | None
     enabled: bool
+
+    def is_named(self, wanted: str, keys: Mapping[str, str]) -> bool:
+        """True when ``wanted`` is this audience's id, trait key, or ``audiences.key``."""
+        return wanted in (self.audience_id, keys.get(self.audience_id), self.key)
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,15 @@ class Repository:
                 ).order_by(audiences.c.id)
             ).all()
         return [AudienceRow(row.id, row.name, row.key, bool(row.enabled)) for row in rows]
+
+    def audiences_with_keys(self) -> tuple[list[AudienceRow], KeyResolution]:
+        """Every audience, and the key each syncs under (or why it cannot be synced)."""
+        rows = self.load_audiences()
+        resolution = resolve_keys(
+            [AudienceIdentity(row.audience_id, row.name, row.key) for row in rows],
+            self.locked_keys(),
+        )
+        return rows, resolution
 
     def locked_keys(self) -> dict[str, str]:
         """Audience id -> the key it was first synced under."""
