@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import DBAPIError
 
+from syncer.core.states import PairState
+from syncer.core.urls import canonical_url
 from syncer.daemon import Daemon
 from syncer.errors import (
     EXIT_DATABASE,
@@ -30,9 +32,10 @@ from syncer.errors import (
 from syncer.logs import configure_logging
 from syncer.render import print_json, print_table
 from syncer.settings import Settings, load_settings, resolve_settings_path
+from syncer.store import Store
 from syncer.store.database import check_schema, create_database_engine, migrate, safe_url
 from syncer.store.inspection import Inspection
-from syncer.store.repository import Repository
+from syncer.store.sql import utcnow
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 
 log = structlog.get_logger("syncer.cli")
@@ -53,12 +56,11 @@ class App:
             configure_logging(self._settings.logging.level, self._settings.logging.format)
         return self._settings
 
-    def repository(self, *, require_schema: bool = True) -> Repository:
-        """A repository on the configured database, checked to be migrated."""
+    def store(self) -> Store:
+        """The store of the configured database, checked to be migrated by this version."""
         engine = create_database_engine(self.settings.database.url)
-        if require_schema:
-            check_schema(engine)
-        return Repository(engine)
+        check_schema(engine)
+        return Store.open(engine)
 
 
 @click.group()
@@ -120,21 +122,34 @@ def _print_summary(report: SyncReport) -> None:
     )
     for problem in report.problems:
         click.echo(f"  skipped audience {problem.audience_id}: {problem.reason}")
-    for audience_id, reason in report.held.items():
-        click.echo(f"  HELD audience {audience_id}: {reason}")
     for pair in report.pairs:
-        if pair.note.startswith("held"):
+        if pair.state is PairState.HELD:
+            click.echo(f"  HELD {pair.url} {pair.key}: {pair.note}")
             continue
+        if pair.invalid:
+            click.echo(
+                f"  {pair.url} {pair.key}: {pair.invalid} member row(s) cannot be sent and were "
+                f"not queued (e.g. {pair.invalid_example}); fix them upstream"
+            )
         if pair.parked:
             click.echo(
                 f"  {pair.url} {pair.key}: {pair.parked} change(s) parked after repeated "
-                "rejections or invalid input: see `syncer inspect failures`, then `syncer retry`"
+                "rejections: see `syncer inspect failures`, then `syncer retry`"
             )
-        if pair.pending or pair.rejected or pair.note:
+        if pair.pending or pair.rejected or pair.state is not PairState.DONE:
             note = f" ({pair.note})" if pair.note else ""
             click.echo(
                 f"  {pair.url} {pair.key}: {pair.pending} pending, {pair.rejected} rejected{note}"
             )
+    for deletion in report.deletions:
+        if deletion.pending or deletion.note:
+            note = f" ({deletion.note})" if deletion.note else ""
+            click.echo(f"  {deletion.url}: {deletion.pending} delete(s) pending{note}")
+    for removed in report.removed_urls:
+        click.echo(
+            f"  {removed.url} is no longer configured but is owed {removed.owed_deletes} "
+            "delete(s): configure it again, or `syncer forget-url URL --yes` to drop them"
+        )
     if not report.fully_delivered:
         click.echo("  undelivered changes stay queued and are retried on the next run")
 
@@ -149,7 +164,7 @@ def _print_summary(report: SyncReport) -> None:
 def sync_command(app: App, audience: str | None, full: bool, dry_run: bool) -> None:
     """Run one sync over all enabled audiences (or one)."""
     settings = app.settings
-    engine = SyncEngine(settings, app.repository())
+    engine = SyncEngine(settings, app.store())
     options = SyncOptions(
         audience=audience, full=full, dry_run=dry_run, trigger="full" if full else "manual"
     )
@@ -189,8 +204,14 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
     report = engine.run(options, emit=emit)
     for problem in report.problems:
         click.echo(f"skipped audience {problem.audience_id}: {problem.reason}")
-    for audience_id, reason in report.held.items():
-        click.echo(f"would HOLD audience {audience_id}: {reason}")
+    for pair in report.pairs:
+        if pair.state is PairState.HELD:
+            click.echo(f"would HOLD {pair.url} {pair.key}: {pair.note}")
+        if pair.invalid:
+            click.echo(
+                f"{pair.url} {pair.key}: {pair.invalid} member row(s) cannot be sent "
+                f"(e.g. {pair.invalid_example})"
+            )
     for url in engine.settings.tray.workflow_urls:
         click.echo(
             f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
@@ -210,7 +231,7 @@ def delete_user_command(app: App, user_ids: tuple[str, ...]) -> None:
     blank = [user_id for user_id in user_ids if not user_id.strip()]
     if blank:
         raise ConfigError("USER_ID: a user id cannot be empty")
-    engine = SyncEngine(app.settings, app.repository())
+    engine = SyncEngine(app.settings, app.store())
     try:
         report = engine.delete_users(list(dict.fromkeys(user_ids)))
     finally:
@@ -229,34 +250,82 @@ def delete_user_command(app: App, user_ids: tuple[str, ...]) -> None:
 @click.pass_obj
 def retry_command(app: App, url: str | None, audience: str | None) -> None:
     """Put rejected and parked changes back in line for the next run."""
-    settings = app.settings
-    repository = app.repository()
-    destination_ids = None
-    if url is not None:
-        if url not in settings.tray.workflow_urls:
-            raise ConfigError(f"--url: {url!r} is not one of tray.workflow_urls")
-        destination_ids = list(repository.find_destinations([url]).values())
+    store = app.store()
+    destination_ids = None if url is None else _configured_destination(app, store, url)
     audience_id = None
     if audience is not None:
-        audience_id = Inspection(repository.engine).find_audience(audience)
+        audience_id = store.audiences.find(audience)
         if audience_id is None:
             raise ConfigError(f"--audience: no audience has the id or key {audience!r}")
-    count = repository.requeue(destination_ids, audience_id)
+    count = store.outbox.requeue(destination_ids, audience_id)
     click.echo(f"{count} change(s) re-queued; they are sent on the next run")
+
+
+def _configured_destination(app: App, store: Store, url: str) -> list[int]:
+    """The destination id of ``--url``, which must be one of the configured URLs."""
+    configured = {canonical_url(u): u for u in app.settings.tray.workflow_urls}
+    try:
+        known = configured.get(canonical_url(url))
+    except ValueError:
+        known = None
+    if known is None:
+        raise ConfigError(f"--url: {url!r} is not one of tray.workflow_urls")
+    return list(store.destinations.find([known]).values())
 
 
 @main.command(name="approve")
 @click.argument("audience")
+@click.option("--url", default=None, help="Release it for this workflow URL only.")
 @click.pass_obj
-def approve_command(app: App, audience: str) -> None:
-    """Release an AUDIENCE (id or key) held by the mass-exit guard: its exits go out next run."""
-    repository = app.repository()
-    audience_id = Inspection(repository.engine).find_audience(audience)
+def approve_command(app: App, audience: str, url: str | None) -> None:
+    """Release an AUDIENCE (id or key) held by the mass-exit guard: its exits go out next run.
+
+    The guard holds an audience per URL; this releases it for every URL that holds it, or
+    with --url for that one.
+    """
+    store = app.store()
+    audience_id = store.audiences.find(audience)
     if audience_id is None:
         raise ConfigError(f"AUDIENCE: no audience has the id or key {audience!r}")
-    if not repository.approve_hold(audience_id):
-        raise ConfigError(f"AUDIENCE: audience {audience_id!r} is not held")
-    click.echo(f"audience {audience_id} approved: its exits are sent on the next run")
+    destination_ids = None if url is None else _configured_destination(app, store, url)
+    approved = store.holds.approve(audience_id, destination_ids, utcnow())
+    if not approved:
+        where = "" if url is None else f" for {url}"
+        raise ConfigError(f"AUDIENCE: audience {audience_id!r} is not held{where}")
+    click.echo(
+        f"audience {audience_id} approved for {approved} URL(s): its exits are sent on the next run"
+    )
+
+
+@main.command(name="forget-url")
+@click.argument("url")
+@click.option("--yes", is_flag=True, help="Confirm: this cannot be undone.")
+@click.pass_obj
+def forget_url_command(app: App, url: str, yes: bool) -> None:
+    """Drop for good everything kept for a workflow URL no longer configured: what it was told,
+    changes queued for it, and the privacy deletes it is still owed."""
+    try:
+        canonical = canonical_url(url)
+    except ValueError as error:
+        raise ConfigError(f"URL: {error}") from None
+    if canonical in {canonical_url(u) for u in app.settings.tray.workflow_urls}:
+        raise ConfigError(f"URL: {url!r} is configured in tray.workflow_urls: remove it first")
+    if not yes:
+        raise ConfigError("forget-url drops owed deletes for good: add --yes to confirm")
+    forgotten = app.store().destinations.forget(url)
+    if forgotten is None:
+        raise ConfigError(f"URL: the database knows no workflow at {url!r}")
+    log.warning(
+        "url_forgotten",
+        url=forgotten.url,
+        state_rows=forgotten.state_rows,
+        queued_changes=forgotten.queued_changes,
+        owed_deletes=forgotten.owed_deletes,
+    )
+    click.echo(
+        f"forgot {forgotten.url}: {forgotten.state_rows} told value(s), "
+        f"{forgotten.queued_changes} queued change(s), {forgotten.owed_deletes} owed delete(s)"
+    )
 
 
 @main.command(name="daemon")
@@ -267,7 +336,7 @@ def daemon_command(app: App) -> None:
     Settings are read once at start: restart the daemon for changes to take effect.
     """
     settings = app.settings
-    engine = SyncEngine(settings, app.repository())
+    engine = SyncEngine(settings, app.store())
     try:
         code = Daemon(settings, engine).serve()
     finally:
@@ -291,7 +360,7 @@ def inspect_group() -> None:
 
 
 def _inspection(app: App) -> Inspection:
-    return Inspection(app.repository().engine)
+    return Inspection(app.store())
 
 
 @inspect_group.command(name="audiences")
@@ -308,12 +377,18 @@ def inspect_audiences(app: App, output_format: str) -> None:
         first = True
         for per_url in record["urls"] or [{}]:
             row = dict(per_url)
+            if per_url:
+                row["held"] = "HELD" if per_url.get("held") else ""
+                if per_url.get("url_refused"):
+                    row["url"] = f"{per_url['url']} (refusing: {per_url['url_refused']})"
             if first:
-                row.update({k: v for k, v in record.items() if k != "urls"})
+                row.update({k: v for k, v in record.items() if k not in ("urls", "held_for")})
                 if record["key"] is None:
                     row["key"] = f"(not synced: {record['key_problem']})"
             else:
-                row.update({k: "" for k in ("id", "name", "key", "enabled", "held", "members")})
+                row.update(
+                    {k: "" for k in ("id", "name", "key", "enabled", "members", "invalid_members")}
+                )
             first = False
             rows.append(row)
     print_table(
@@ -323,16 +398,25 @@ def inspect_audiences(app: App, output_format: str) -> None:
             ("NAME", "name"),
             ("KEY", "key"),
             ("ENABLED", "enabled"),
-            ("HELD", "held"),
             ("MEMBERS", "members"),
+            ("INVALID", "invalid_members"),
             ("URL", "url"),
+            ("HELD", "held"),
             ("TOLD", "told_members"),
             ("PENDING IN", "pending_entries"),
             ("PENDING OUT", "pending_exits"),
             ("REJECTED", "rejected"),
+            ("PARKED", "parked"),
             ("LAST SUCCESSFUL SYNC", "last_successful_sync"),
         ],
     )
+    for record in records:
+        for per_url in record["urls"]:
+            if per_url["held"]:
+                approved = " (approved: sent on the next run)" if per_url["hold_approved"] else ""
+                click.echo(
+                    f"HELD {record['id']} for {per_url['url']}: {per_url['hold_reason']}{approved}"
+                )
 
 
 @inspect_group.command(name="members")

@@ -6,7 +6,6 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -17,8 +16,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from syncer.core.durations import parse_duration
+from syncer.core.urls import canonical_url
 from syncer.errors import ConfigError
 
 DEFAULT_SETTINGS_PATH = "settings.toml"
@@ -26,6 +28,10 @@ SETTINGS_PATH_ENV = "SYNCER_SETTINGS"
 SECRET_ENV = "SYNCER_TRAY_SHARED_SECRET"
 DATABASE_URL_ENV = "SYNCER_DATABASE_URL"
 MAX_WORKFLOW_URLS = 10
+# How claims are kept (syncer.sync.claiming): renewed this many times per lifetime, and the
+# last request must end this long before the claim could run out.
+CLAIM_RENEWALS = 3
+CLAIM_SAFETY_SECONDS = 1.0
 
 
 class _Section(BaseModel):
@@ -40,10 +46,36 @@ class DatabaseSettings(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        scheme = url.split(":", 1)[0]
-        if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
-            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return driver_url(url)
+
+
+# PostgreSQL URLs naming another driver are served by psycopg 3 (the one installed): libpq
+# takes the same connection parameters whichever Python driver passes them on.
+_POSTGRESQL_DRIVERS = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
+
+
+def driver_url(url: str) -> str:
+    """The SQLAlchemy URL to connect with: SQLite as given, PostgreSQL through psycopg 3.
+
+    Raises ValueError, with a message fit for the settings error, for anything else, or for a
+    URL SQLAlchemy cannot read (e.g. a port that is not a number).
+    """
+    try:
+        parsed = make_url(url)
+        port = parsed.port
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "is not a database URL like sqlite:///syncer.db or postgresql://user@host/db"
+        ) from None
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
         return url
+    if parsed.drivername not in _POSTGRESQL_DRIVERS:
+        raise ValueError(
+            f"driver {parsed.drivername!r} is not supported: use sqlite:/// or postgresql://"
+        )
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 class TraySettings(_Section):
@@ -57,26 +89,13 @@ class TraySettings(_Section):
     def _valid_urls(cls, urls: list[str]) -> list[str]:
         if not 1 <= len(urls) <= MAX_WORKFLOW_URLS:
             raise ValueError(f"{len(urls)} URLs given; 1 to {MAX_WORKFLOW_URLS} are allowed")
-        seen: dict[tuple[str, str, int, str, str], str] = {}
+        seen: dict[str, str] = {}
         for url in urls:
-            parts = urlsplit(url.strip())
-            scheme = parts.scheme.lower()
-            try:
-                port = parts.port
-            except ValueError:
-                raise ValueError(f"{url!r} has an invalid port") from None
-            if scheme not in ("http", "https") or not parts.hostname or url != url.strip():
+            if url != url.strip():
                 raise ValueError(f"{url!r} is not an http:// or https:// URL")
             # The same workflow written twice (case, default port, trailing slash) would be told
             # everything twice under different messageIds.
-            default_port = 443 if scheme == "https" else 80
-            same = (
-                scheme,
-                parts.hostname,
-                port or default_port,
-                parts.path.rstrip("/"),
-                parts.query,
-            )
+            same = canonical_url(url)
             if same in seen:
                 raise ValueError(f"{url!r} is the same workflow as {seen[same]!r}")
             seen[same] = url
@@ -148,7 +167,22 @@ class DeliverySettings(_Section):
     retry_after_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
     max_rejections: Annotated[int, Field(ge=1, le=1000)] = 5
-    lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 120.0
+    lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 120.0
+
+    @model_validator(mode="after")
+    def _claims_outlive_requests(self) -> DeliverySettings:
+        # A worker that cannot renew its claim must be able to stop sending before the claim
+        # runs out: a request must fit between the last renewal and the expiry, with a margin.
+        shortest = (
+            (self.timeout_seconds + CLAIM_SAFETY_SECONDS) * CLAIM_RENEWALS / (CLAIM_RENEWALS - 1)
+        )
+        if self.lease_seconds <= shortest:
+            raise ValueError(
+                f"lease_seconds must be more than timeout_seconds plus the renewal interval "
+                f"(lease_seconds / {CLAIM_RENEWALS}) plus {CLAIM_SAFETY_SECONDS:g} s: more than "
+                f"{shortest:g} with timeout_seconds = {self.timeout_seconds:g}"
+            )
+        return self
 
 
 class GuardSettings(_Section):
@@ -227,8 +261,6 @@ def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Sett
             source = DATABASE_URL_ENV
         raise ConfigError(_describe(error, source)) from None
     url = _absolute_sqlite_url(settings.database.url, base)
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return settings.model_copy(update={"database": DatabaseSettings(url=url)})
 
 

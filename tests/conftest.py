@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, insert, text, update
+from sqlalchemy import create_engine, delete, insert, select, text, update
 from sqlalchemy.engine import make_url
 
 from syncer.settings import Settings, settings_from_mapping
+from syncer.store import Store
 from syncer.store.database import create_database_engine, migrate
-from syncer.store.repository import Repository
-from syncer.store.schema import audience_memberships, audiences
+from syncer.store.schema import audience_memberships, audiences, state
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 from syncer.testing.tray_standin import TrayStandin
 
@@ -53,11 +53,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
-def repository(database_url: str) -> Iterator[Repository]:
-    """A repository on a freshly migrated database."""
+def store(database_url: str) -> Iterator[Store]:
+    """The store of a freshly migrated database."""
     engine = create_database_engine(database_url)
     migrate(engine)
-    yield Repository(engine)
+    yield Store.open(engine)
     engine.dispose()
 
 
@@ -94,8 +94,8 @@ def make_settings(database_url: str, urls: list[str], **delivery: Any) -> Settin
 class Upstream:
     """Plays the upstream jobs: writes the input tables the syncer reads."""
 
-    def __init__(self, repository: Repository) -> None:
-        self.engine = repository.engine
+    def __init__(self, store: Store) -> None:
+        self.engine = store.engine
 
     def add_audience(
         self, audience_id: str, name: str, key: str | None = None, enabled: bool = True
@@ -156,17 +156,31 @@ class Upstream:
 
 
 @pytest.fixture
-def upstream(repository: Repository) -> Upstream:
+def upstream(store: Store) -> Upstream:
     """Writes audiences and memberships the way upstream jobs do."""
-    return Upstream(repository)
+    return Upstream(store)
+
+
+def told_values(store: Store, url: str, audience_id: str) -> dict[str, str]:
+    """User -> the value ``url`` last accepted for one audience (small audiences only)."""
+    destination_id = store.destinations.find([url])[url]
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            select(state.c.user_id, state.c.value).where(
+                state.c.destination_id == destination_id,
+                state.c.audience_id == audience_id,
+                state.c.value.is_not(None),
+            )
+        )
+        return {row.user_id: row.value for row in rows}
 
 
 def run_sync(
-    repository: Repository, urls: list[str], options: SyncOptions | None = None, **delivery: Any
+    store: Store, urls: list[str], options: SyncOptions | None = None, **delivery: Any
 ) -> SyncReport:
     """One real sync run against real URLs."""
-    settings = make_settings(str(repository.engine.url.render_as_string(False)), urls, **delivery)
-    engine = SyncEngine(settings, repository)
+    settings = make_settings(str(store.engine.url.render_as_string(False)), urls, **delivery)
+    engine = SyncEngine(settings, store)
     try:
         return engine.run(options or SyncOptions())
     finally:

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import enum
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-# 408, 423 and 429 say "not now"; every 5xx says the server failed. Any other status is final.
+# 408, 423 and 429 say "not now"; every 5xx says the server failed.
 _RETRYABLE_4XX = frozenset({408, 423, 429})
+# These say nothing about the change and everything about the URL: a rotated secret, a deleted
+# or moved workflow. They are the URL's failure, not the change's.
+_REFUSING_4XX = frozenset({401, 403, 404, 410})
 
 
 class OutcomeKind(enum.Enum):
-    """The three fates of one delivery attempt."""
+    """The fates of one body after the attempts a run allows."""
 
-    DELIVERED = "delivered"
-    RETRYABLE = "retryable"
-    REJECTED = "rejected"
+    DELIVERED = "delivered"  # 2xx: processed
+    RETRYABLE = "retryable"  # timeout, connection lost, 408/423/429/5xx: may have been processed
+    REJECTED = "rejected"  # another 4xx (or 3xx): this change was refused, for good
+    REFUSED = "refused"  # 401/403/404/410: the URL refuses everything; the change waits
+    NOT_SENT = "not_sent"  # never sent: the run stopped, the URL went down or the claim ran out
 
 
 def classify_status(status: int) -> OutcomeKind:
-    """Classify an HTTP status: 2xx delivered, 408/423/429/5xx retryable, anything else final."""
+    """Classify an HTTP status: 2xx delivered, 408/423/429/5xx retryable, 401/403/404/410
+    the URL refusing, anything else a final rejection of the change."""
     if 200 <= status < 300:
         return OutcomeKind.DELIVERED
     if status in _RETRYABLE_4XX or 500 <= status < 600:
         return OutcomeKind.RETRYABLE
+    if status in _REFUSING_4XX:
+        return OutcomeKind.REFUSED
     return OutcomeKind.REJECTED
 
 
@@ -70,3 +79,14 @@ def backoff_delay(
     if retry_after is not None:
         delay = max(delay, min(retry_after, retry_after_cap))
     return delay
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one body (a change or a delete) after the attempts a run allows: the one
+    shape in which every outcome is recorded."""
+
+    kind: OutcomeKind
+    status: int | None = None
+    detail: str = ""
+    attempts: int = 0

@@ -37,8 +37,13 @@ def message_id(namespace: uuid.UUID, change_id: int, kind: str = "change") -> st
 
 
 def user_input_problem(user_id: str, anonymous_id: str | None, email: str | None) -> str | None:
-    """Why a membership row cannot be sent as it stands, or None when it can."""
-    if not user_id.strip():
+    """Why a membership row cannot be sent as it stands, or None when it can.
+
+    The store applies the same rules in SQL when it plans (and the tests hold the two to each
+    other): a row that cannot be sent is never queued, and is planned like any other once
+    upstream fixes it.
+    """
+    if not user_id.strip(" "):
         return "user_id is empty"
     if len(user_id) > MAX_USER_ID_LENGTH:
         return f"user_id is longer than {MAX_USER_ID_LENGTH} characters"

@@ -1,4 +1,4 @@
-"""Getting bytes to workflow URLs: transport, retries and a bounded concurrent pump.
+"""Getting bytes to workflow URLs: transport, retries, and sending what is claimed.
 
 This layer knows nothing of audiences: it sends bodies to URLs and reports what became of them.
 """

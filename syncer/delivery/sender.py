@@ -1,22 +1,29 @@
-"""Delivering bodies to one URL: retries within a run, and a bounded concurrent pump."""
+"""Delivering bodies to one URL: retries within a run, refusals, and a gate on every attempt."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
-from syncer.core.outcomes import OutcomeKind, backoff_delay, classify_status, parse_retry_after
+from syncer.core.outcomes import (
+    Outcome,
+    OutcomeKind,
+    backoff_delay,
+    classify_status,
+    parse_retry_after,
+)
 from syncer.core.signing import signature_headers
 from syncer.delivery.transport import Response, Transport
+
+# Two refusals in a row (401/403/404/410) and the URL is given up for the run.
+REFUSALS_TO_STOP = 2
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often, and how patiently, one change is retried within a run."""
+    """How often, and how patiently, one body is retried within a run."""
 
     max_attempts: int = 4
     backoff_base_seconds: float = 0.5
@@ -24,28 +31,24 @@ class RetryPolicy:
     retry_after_max_seconds: float = 60.0
 
 
-@dataclass(frozen=True)
-class Attempted:
-    """What became of one body after all the attempts a run allows."""
-
-    kind: OutcomeKind
-    status: int | None
-    detail: str
-    attempts: int
-
-
-def _attempted(response: Response, attempts: int) -> Attempted:
+def _outcome(response: Response, attempts: int) -> Outcome:
     if response.status is None:
-        return Attempted(OutcomeKind.RETRYABLE, None, response.error or "no response", attempts)
-    return Attempted(classify_status(response.status), response.status, response.excerpt, attempts)
+        return Outcome(OutcomeKind.RETRYABLE, None, response.error or "no response", attempts)
+    kind = classify_status(response.status)
+    detail = response.excerpt
+    if kind is OutcomeKind.REFUSED:
+        detail = f"URL refused: {response.status}" + (f" {detail}" if detail else "")
+    return Outcome(kind, response.status, detail, attempts)
 
 
 class UrlSender:
     """Sends signed bodies to one workflow URL, retrying what may succeed later.
 
-    Once one body has used up its attempts on retryable failures, the URL counts as unavailable
-    for the rest of the run: what is still queued for it waits in the database for the next run,
-    instead of every change waiting out its own backoff against a URL that is down.
+    The URL is given up for the rest of the run once one body has used up its attempts on
+    retryable failures (``down``), or after two refusals in a row (``refused``); what is still
+    queued waits in the database for the next run. ``gate`` is asked before every attempt
+    (e.g. "will our claim on this body outlive the request?"); once it says no, nothing more is
+    sent.
     """
 
     def __init__(
@@ -54,9 +57,27 @@ class UrlSender:
         self.url = url
         self.down = False
         self.stopped = False
+        self.refused: Outcome | None = None
+        self.gate_closed = False
+        self.gate: Callable[[], bool] = lambda: True
+        self._refusals_in_a_row = 0
         self._transport = transport
         self._policy = policy
         self._secret = secret
+
+    @property
+    def unavailable(self) -> bool:
+        """True once nothing new may be sent to this URL in this run."""
+        return self.down or self.stopped or self.refused is not None or self.gate_closed
+
+    def stop(self) -> None:
+        """Take no new work and make no further retries; requests in flight finish."""
+        self.stopped = True
+
+    def reopen_gate(self, gate: Callable[[], bool]) -> None:
+        """Send under a new gate (a new claim), after an earlier one closed."""
+        self.gate = gate
+        self.gate_closed = False
 
     def _wait(self, state: RetryCallState) -> float:
         last = state.outcome.result() if state.outcome is not None else None
@@ -69,15 +90,6 @@ class UrlSender:
             retry_after_cap=self._policy.retry_after_max_seconds,
         )
 
-    @property
-    def unavailable(self) -> bool:
-        """True once the URL is down for this run, or the run is stopping: send nothing new."""
-        return self.down or self.stopped
-
-    def stop(self) -> None:
-        """Take no new work and make no further retries; requests in flight finish."""
-        self.stopped = True
-
     def _stop(self, state: RetryCallState) -> bool:
         return self.unavailable or state.attempt_number >= self._policy.max_attempts
 
@@ -85,16 +97,19 @@ class UrlSender:
     def _should_retry(response: Response) -> bool:
         return response.status is None or classify_status(response.status) is OutcomeKind.RETRYABLE
 
-    async def deliver(self, body: bytes) -> Attempted | None:
-        """Send one body, retrying within policy; None if the URL was already unavailable."""
+    async def deliver(self, body: bytes) -> Outcome:
+        """Send one body, retrying within policy, and say what became of it."""
         if self.unavailable:
-            return None
+            return Outcome(OutcomeKind.NOT_SENT, detail="not sent: URL given up for this run")
         headers = signature_headers(body, self._secret)
-        attempts = 0
+        sent = 0
 
         async def attempt() -> Response:
-            nonlocal attempts
-            attempts += 1
+            nonlocal sent
+            if not self.gate():
+                self.gate_closed = True
+                return Response(status=None, error="not sent: claim about to run out")
+            sent += 1
             return await self._transport.post(self.url, body, headers)
 
         retrying = AsyncRetrying(
@@ -104,76 +119,18 @@ class UrlSender:
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
         )
         response: Response = await retrying(attempt)
-        outcome = _attempted(response, attempts)
-        if outcome.kind is OutcomeKind.RETRYABLE and not self.stopped:
-            self.down = True
+        if sent == 0:
+            return Outcome(OutcomeKind.NOT_SENT, detail=response.error or "not sent")
+        outcome = _outcome(response, sent)
+        self._note(outcome)
         return outcome
 
-
-Ref = TypeVar("Ref")
-
-
-@dataclass(frozen=True)
-class Outgoing(Generic[Ref]):
-    """A body to send, with the caller's reference to it."""
-
-    ref: Ref
-    body: bytes
-
-
-Recorder = Callable[[list[tuple[Ref, Attempted]]], Awaitable[None]]
-
-
-async def pump(
-    sender: UrlSender,
-    outgoing: AsyncIterator[Outgoing[Ref]],
-    *,
-    concurrency: int,
-    record: Recorder[Ref],
-    flush_size: int | None = None,
-) -> None:
-    """Send everything ``outgoing`` yields with at most ``concurrency`` requests in flight.
-
-    Results are handed to ``record`` in small batches as they come (every ``flush_size``,
-    default ``concurrency``, answers), so that after a crash only the requests in flight and the
-    answers not yet recorded are sent again: fewer than 4 x ``concurrency`` (a batch being
-    recorded, answers that arrived meanwhile, requests in flight). Stops taking new work once the
-    URL is unavailable. On cancellation, what was already answered is still recorded.
-    """
-    flush_at = flush_size or concurrency
-    queue: asyncio.Queue[Outgoing[Ref] | None] = asyncio.Queue(maxsize=concurrency)
-    answered: list[tuple[Ref, Attempted]] = []
-    flushing = asyncio.Lock()
-
-    async def flush() -> None:
-        async with flushing:
-            if answered:
-                batch = answered.copy()
-                answered.clear()
-                await record(batch)
-
-    async def work() -> None:
-        while (item := await queue.get()) is not None:
-            result = await sender.deliver(item.body)
-            if result is not None:
-                answered.append((item.ref, result))
-            if len(answered) >= flush_at:
-                await flush()
-
-    async def produce() -> None:
-        async for item in outgoing:
-            if sender.unavailable:
-                break
-            await queue.put(item)
-        # Only on a normal end: when cancelled, the workers are cancelled too, and waiting to
-        # put into a full queue nobody reads any more would hang the whole run.
-        for _ in range(concurrency):
-            await queue.put(None)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(produce())
-            for _ in range(concurrency):
-                group.create_task(work())
-    finally:
-        await asyncio.shield(flush())
+    def _note(self, outcome: Outcome) -> None:
+        if outcome.kind is OutcomeKind.REFUSED:
+            self._refusals_in_a_row += 1
+            if self._refusals_in_a_row >= REFUSALS_TO_STOP and self.refused is None:
+                self.refused = outcome
+            return
+        self._refusals_in_a_row = 0
+        if outcome.kind is OutcomeKind.RETRYABLE and not (self.stopped or self.gate_closed):
+            self.down = True

@@ -10,13 +10,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from syncer.core.payload import user_input_problem
 from syncer.errors import DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The execution option that makes a SQLite transaction take the write lock at BEGIN.
+WRITE_OPTION = "syncer_write"
 
 
 def safe_url(url: str) -> str:
@@ -24,10 +27,25 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _row_problem(
+    user_id: bytes | None, anonymous_id: bytes | None, email: bytes | None
+) -> str | None:
+    # Called by SQLite with the raw bytes (the SQL casts to BLOB): text that is not UTF-8 would
+    # make sqlite3 fail the whole statement before the function could say what is wrong.
+    def text(raw: bytes | None) -> str | None:
+        return None if raw is None else bytes(raw).decode("utf-8", "surrogateescape")
+
+    return user_input_problem(text(user_id) or "", text(anonymous_id), text(email))
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # Bytes that are not UTF-8 are read as lone surrogates instead of failing the whole query;
     # the row is then reported as invalid rather than crashing a run.
     dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+    # The driver's own transaction handling would start transactions late (at the first write,
+    # after the reads a decision rests on); SQLAlchemy's begin event starts them instead.
+    dbapi_connection.isolation_level = None
+    dbapi_connection.create_function("syncer_row_problem", 3, _row_problem, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -35,11 +53,20 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _begin_sqlite(connection: Connection) -> None:
+    # A transaction that will write takes the write lock at once, so the reads it decides on
+    # cannot go stale before it writes (and two writers never deadlock upgrading their locks).
+    immediate = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 def create_database_engine(url: str) -> Engine:
-    """An engine set up for the syncer: WAL and a busy timeout on SQLite, pre-ping everywhere."""
+    """An engine set up for the syncer: WAL, a busy timeout and real transactions on SQLite,
+    pre-ping everywhere."""
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_sqlite)
     return engine
 
 

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -18,6 +19,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
+    or_,
     true,
 )
 
@@ -57,12 +60,19 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
+# One row per workflow, keyed by the canonical form of its URL (syncer.core.urls), so that a
+# cosmetic edit of the setting (a trailing slash, the host's case) keeps the workflow's state.
 destinations = Table(
     "syncer_destinations",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("url", Text, nullable=False, unique=True),
+    Column("url", Text, nullable=False),  # as last configured: requests go to this spelling
+    Column("canonical", Text, nullable=False, unique=True),
     Column("first_seen_at", DateTime, nullable=False),
+    # Set while the URL refuses everything (401/403/404/410); cleared by its next 2xx.
+    Column("refused_status", Integer, nullable=True),
+    Column("refused_at", DateTime, nullable=True),
+    Column("refused_error", Text, nullable=True),
 )
 
 audience_keys = Table(
@@ -73,24 +83,49 @@ audience_keys = Table(
     Column("locked_at", DateTime, nullable=False),
 )
 
-# What each workflow URL has accepted, per (URL, audience, user): the last value, and when.
-delivered = Table(
-    "syncer_delivered",
+# What each URL may believe, per (URL, audience, user): the last value it accepted (NULL: none
+# yet) and whether another value may have been processed since (an attempt whose outcome is
+# unknown was dropped). A row exists for everyone the URL was ever told or may have been told.
+state = Table(
+    "syncer_state",
     metadata,
     Column("destination_id", Integer, ForeignKey("syncer_destinations.id"), nullable=False),
     Column("audience_id", Text, nullable=False),
     Column("user_id", Text, nullable=False),
-    Column("value", Text, nullable=False),
+    Column("value", Text, nullable=True),
+    Column("unsure", Boolean, nullable=False, server_default=false()),
     Column("anonymous_id", Text, nullable=True),
     Column("email", Text, nullable=True),
-    Column("message_id", Text, nullable=False),
-    Column("delivered_at", DateTime, nullable=False),
+    Column("message_id", Text, nullable=True),
+    Column("told_at", DateTime, nullable=True),
     PrimaryKeyConstraint("destination_id", "audience_id", "user_id"),
-    Index("ix_syncer_delivered_user", "user_id"),
+    Index("ix_syncer_state_user", "user_id"),
+)
+# Exits and the guard look only at members a URL was told of, and at doubtful rows: partial
+# indexes keep them from reading the `false` rows of everyone who ever left. The queries use
+# these same expressions, so that each dialect's planner matches them to the index.
+STATE_TOLD_TRUE = state.c.value == "true"
+STATE_UNSURE = state.c.unsure == true()
+Index(
+    "ix_syncer_state_told_true",
+    state.c.destination_id,
+    state.c.audience_id,
+    state.c.user_id,
+    sqlite_where=STATE_TOLD_TRUE,
+    postgresql_where=STATE_TOLD_TRUE,
+)
+Index(
+    "ix_syncer_state_unsure",
+    state.c.destination_id,
+    state.c.audience_id,
+    state.c.user_id,
+    sqlite_where=STATE_UNSURE,
+    postgresql_where=STATE_UNSURE,
 )
 
 # Changes planned but not yet accepted, one per (URL, audience, user). Ids are never reused, as
-# the messageId is derived from them.
+# the messageId is derived from them. A worker claims a few rows at a time (claim_token, and
+# claimed_until on the database's clock, in epoch seconds) just before sending them.
 outbox = Table(
     "syncer_outbox",
     metadata,
@@ -102,6 +137,8 @@ outbox = Table(
     Column("anonymous_id", Text, nullable=True),
     Column("email", Text, nullable=True),
     Column("forced", Boolean, nullable=False),
+    # Sent at least once (its outcome recorded): the URL may have processed it.
+    Column("attempted", Boolean, nullable=False, server_default=false()),
     Column("created_at", DateTime, nullable=False),
     Column("status", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
@@ -109,10 +146,31 @@ outbox = Table(
     Column("last_status", Integer, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("last_attempt_at", DateTime, nullable=True),
+    Column("claim_token", Text, nullable=True),
+    Column("claimed_by", Text, nullable=True),
+    Column("claimed_until", Double, nullable=True),
     UniqueConstraint("destination_id", "audience_id", "user_id", name="uq_syncer_outbox_change"),
     Index("ix_syncer_outbox_user", "user_id"),
-    Index("ix_syncer_outbox_pair_id", "destination_id", "audience_id", "id"),
     sqlite_autoincrement=True,
+)
+OUTBOX_PENDING = outbox.c.status == "pending"
+OUTBOX_CLAIMED = outbox.c.claim_token.is_not(None)
+# A change sent at least once, or claimed (in flight, or its claimer died): the URL may have
+# processed it, whatever was recorded.
+OUTBOX_MAYBE_PROCESSED = or_(outbox.c.attempted == true(), OUTBOX_CLAIMED)
+Index(
+    "ix_syncer_outbox_pending",
+    outbox.c.destination_id,
+    outbox.c.audience_id,
+    outbox.c.id,
+    sqlite_where=OUTBOX_PENDING,
+    postgresql_where=OUTBOX_PENDING,
+)
+Index(
+    "ix_syncer_outbox_claimed",
+    outbox.c.claim_token,
+    sqlite_where=OUTBOX_CLAIMED,
+    postgresql_where=OUTBOX_CLAIMED,
 )
 
 runs = Table(
@@ -133,15 +191,6 @@ runs = Table(
     Column("holder", Text, nullable=True),  # "host:pid:nonce" of the process running it
     Column("parked", Integer, nullable=False, server_default="0"),
     sqlite_autoincrement=True,
-)
-
-# One holder at a time per name (e.g. one run per URL and audience); expired leases are free.
-leases = Table(
-    "syncer_leases",
-    metadata,
-    Column("name", Text, primary_key=True),
-    Column("holder", Text, nullable=False),
-    Column("expires_at", DateTime, nullable=False),
 )
 
 # Users deleted for privacy: nothing more is ever sent about them, whatever upstream still says.
@@ -165,28 +214,42 @@ deletions = Table(
     Column("last_status", Integer, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("last_attempt_at", DateTime, nullable=True),
+    Column("claim_token", Text, nullable=True),
+    Column("claimed_by", Text, nullable=True),
+    Column("claimed_until", Double, nullable=True),
     UniqueConstraint("user_id", "destination_id", name="uq_syncer_deletions_user_destination"),
     sqlite_autoincrement=True,
 )
+DELETION_OWED = deletions.c.delivered_at.is_(None)
+DELETION_CLAIMED = deletions.c.claim_token.is_not(None)
+Index(
+    "ix_syncer_deletions_owed",
+    deletions.c.destination_id,
+    deletions.c.id,
+    sqlite_where=DELETION_OWED,
+    postgresql_where=DELETION_OWED,
+)
+Index(
+    "ix_syncer_deletions_claimed",
+    deletions.c.claim_token,
+    sqlite_where=DELETION_CLAIMED,
+    postgresql_where=DELETION_CLAIMED,
+)
 
-# Per (URL, audience): when a run last left nothing queued for it.
-pair_state = Table(
-    "syncer_pair_state",
+# One row per (URL, audience): planning locks it, so plans of one pair never overlap; it keeps
+# the last plan's time (timestamps of a pair's changes only ever grow), the last results, and
+# the mass-exit guard's hold, which is per URL: each URL's exit share is its own.
+pairs = Table(
+    "syncer_pairs",
     metadata,
     Column("destination_id", Integer, ForeignKey("syncer_destinations.id"), nullable=False),
     Column("audience_id", Text, nullable=False),
+    Column("last_planned_at", DateTime, nullable=True),
     Column("last_run_id", BigInteger().with_variant(Integer(), "sqlite"), nullable=True),
     Column("last_attempt_at", DateTime, nullable=True),
     Column("last_success_at", DateTime, nullable=True),
-    PrimaryKeyConstraint("destination_id", "audience_id"),
-)
-
-# Audiences held by the mass-exit guard, until someone approves the exits.
-holds = Table(
-    "syncer_holds",
-    metadata,
-    Column("audience_id", Text, primary_key=True),
-    Column("held_at", DateTime, nullable=False),
-    Column("reason", Text, nullable=False),
+    Column("held_at", DateTime, nullable=True),
+    Column("hold_reason", Text, nullable=True),
     Column("approved_at", DateTime, nullable=True),
+    PrimaryKeyConstraint("destination_id", "audience_id"),
 )

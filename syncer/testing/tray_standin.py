@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -17,7 +19,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from syncer.core.signing import sign
+
+def tray_signature(body: bytes, secret: str) -> str:
+    """X-Signature as a Tray workflow computes it: hex HMAC-SHA1 of the body, keyed by the
+    secret. Written here with hmac and hashlib directly, not with the syncer's own signing, so
+    that a wrong signature in the syncer cannot pass its own check."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,9 @@ class Received:
     headers: dict[str, str]
     signature_ok: bool | None  # None: no secret configured on the stand-in
     status: int
+    # Whether the workflow acted on it, answered in time or not (a reply may say it failed
+    # after processing: a 5xx, or an answer too late for the sender's timeout).
+    processed: bool = True
 
     @property
     def message(self) -> dict[str, Any]:
@@ -45,6 +55,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b'{"ok":true}'
     delay_seconds: float = 0.0
+    processed: bool | None = None  # default: processed unless the status is 4xx
 
 
 Responder = Callable[[str, bytes], Reply]
@@ -74,15 +85,28 @@ class TrayStandin:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
                 reply = standin._reply_for(self.path, body)
-                if reply.delay_seconds:
-                    time.sleep(reply.delay_seconds)
                 signature = self.headers.get("X-Signature")
-                ok = None if standin.secret is None else signature == sign(body, standin.secret)
-                record = Received(self.path, body, dict(self.headers.items()), ok, reply.status)
+                ok = (
+                    None
+                    if standin.secret is None
+                    else signature == tray_signature(body, standin.secret)
+                )
+                processed = (
+                    reply.processed
+                    if reply.processed is not None
+                    else not 400 <= reply.status < 500
+                )
+                record = Received(
+                    self.path, body, dict(self.headers.items()), ok, reply.status, processed
+                )
+                # Recorded on arrival: a workflow acts on a request before it answers, and an
+                # answer that comes too late does not undo what it did.
                 with standin._lock:
                     standin._received.append(record)
                 if standin.echo:
                     standin._show(record)
+                if reply.delay_seconds:
+                    time.sleep(reply.delay_seconds)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)

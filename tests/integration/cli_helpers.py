@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import MetaData, select
 
+from syncer.store import Store
 from syncer.store.database import create_database_engine, migrate
-from syncer.store.repository import Repository
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 from tests.conftest import SECRET, Upstream, make_settings
 
@@ -263,7 +263,7 @@ def sqlite_upstream(path: Path) -> Iterator[tuple[str, Upstream]]:
     engine = create_database_engine(url)
     migrate(engine)
     try:
-        yield url, Upstream(Repository(engine))
+        yield url, Upstream(Store.open(engine))
     finally:
         engine.dispose()
 
@@ -271,7 +271,7 @@ def sqlite_upstream(path: Path) -> Iterator[tuple[str, Upstream]]:
 def sync_in_process(database_url: str, urls: Sequence[str]) -> SyncReport:
     """A real sync run in this process: for setting the scene quicker than a process start."""
     engine = create_database_engine(database_url)
-    sync = SyncEngine(make_settings(database_url, list(urls), **FAST_DELIVERY), Repository(engine))
+    sync = SyncEngine(make_settings(database_url, list(urls), **FAST_DELIVERY), Store.open(engine))
     try:
         return sync.run(SyncOptions())
     finally:

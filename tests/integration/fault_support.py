@@ -110,7 +110,7 @@ def delivered_values(engine: Engine) -> dict[tuple[str, str, str], str]:
     """(URL, audience, user) -> the value the record says the URL was told."""
     rows = query(
         engine,
-        "select d.url, t.audience_id, t.user_id, t.value from syncer_delivered t "
+        "select d.url, t.audience_id, t.user_id, t.value from syncer_state t "
         "join syncer_destinations d on d.id = t.destination_id",
     )
     return {(url, audience, user): value for url, audience, user, value in rows}

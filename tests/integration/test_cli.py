@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from syncer.store import Store
 from syncer.store.database import create_database_engine, head_revision
-from syncer.store.repository import Repository
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, sent_values
 from tests.integration.cli_helpers import (
@@ -72,8 +72,8 @@ def test_migrate_twice_is_idempotent_and_keeps_data(database_url: str, tmp_path:
     assert f"revision {head_revision()}" in first.stdout, show(first)
     engine = create_database_engine(database_url)
     try:
-        Upstream(Repository(engine)).add_audience("aud_1", "Buyers")
-        Upstream(Repository(engine)).add("aud_1", "u1")
+        Upstream(Store.open(engine)).add_audience("aud_1", "Buyers")
+        Upstream(Store.open(engine)).add("aud_1", "u1")
     finally:
         engine.dispose()
     before = dump_tables(database_url)

@@ -1,8 +1,9 @@
 """``kill -9`` of a real ``syncer sync`` in the middle of a large run, then a run to completion.
 
 Nothing answered 2xx and recorded is sent again; what was sent but not recorded when the process
-died is sent again with the same messageId; nobody is left out; the killed run's lease is taken
-over at once because its holder is dead, instead of the pair looking busy for the lease's TTL.
+died is sent again with the same messageId and the same bytes; nobody is left out; the killed
+run's claims are released at once because their holder is dead, instead of waiting for them to
+run out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from syncer.store.repository import Repository
+from syncer.store import Store
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream
 from tests.integration.fault_support import (
@@ -39,26 +40,22 @@ CONCURRENCY = 8
 DELAY_SECONDS = 0.002
 PATH = "/wf"
 
-# How many users may be sent twice. The next run sends again only what the killed process had
-# sent without recording the answer: a request in flight (at most CONCURRENCY, the number of
-# ``pump`` workers), or an answer waiting in ``pump``'s list of unrecorded results, which is
-# written every CONCURRENCY answers (``flush_at``), each batch in one transaction. Hence in
-# flight + one unrecorded flush = 2 x CONCURRENCY, plus a small margin for the answers that
-# arrive while a batch is being written (a worker blocks on the flush lock only once the list
-# is full again). Seen here: 6 to 14.
-RESENT_BOUND = 2 * CONCURRENCY + 4
+# How many users may be sent twice. A worker keeps at most CONCURRENCY changes claimed per URL at
+# any moment (in flight, or answered and not yet recorded: syncer.delivery.claims), and the next
+# run sends again only what the killed process had claimed and not recorded.
+RESENT_BOUND = CONCURRENCY
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
 def test_kill_9_mid_sync_then_next_run_completes_resending_only_the_unrecorded(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
     tmp_path: Path,
     fraction: float,
 ) -> None:
-    engine = repository.engine
+    engine = store.engine
     upstream.add_audience("aud_big", "Big Audience")
     users = [f"user-{n:05d}" for n in range(MEMBERS)]
     upstream.add("aud_big", *users)
@@ -96,22 +93,24 @@ def test_kill_9_mid_sync_then_next_run_completes_resending_only_the_unrecorded(
 
     # The run died mid-way: part of the audience was told, and the record says no more than that.
     assert 0 < len(first_received) < MEMBERS
-    told_before = query(engine, "select user_id, value from syncer_delivered")
+    told_before = query(engine, "select user_id, value from syncer_state")
     assert {user for user, _ in told_before} <= set(first_received)
-    # Its lease on the pair is still there, held by a process that no longer exists.
-    leases = query(engine, "select name, holder from syncer_leases")
-    dead = [name for name, holder in leases if holder.split(":")[1] == str(killed_pid)]
-    assert any(name.startswith("pair:") for name in dead), leases
+    # Its claims are still there, held by a process that no longer exists.
+    claims = query(engine, "select claimed_by from syncer_outbox where claim_token is not null")
+    assert 0 < len(claims) <= CONCURRENCY, claims
+    assert all(holder.split(":")[1] == str(killed_pid) for (holder,) in claims), claims
 
     resumed = syncer(settings, "sync")
 
     assert resumed.returncode == 0, show(resumed)
     assert_no_crash(resumed.stdout + resumed.stderr, show(resumed))
     assert "busy" not in resumed.stdout, show(resumed)
-    taken = [
-        e for e in log_events(resumed.stderr) if e.get("event") == "lease_taken_from_dead_holder"
+    released = [
+        e
+        for e in log_events(resumed.stderr)
+        if e.get("event") == "claims_of_dead_processes_released"
     ]
-    assert any(f":{killed_pid}:" in e.get("holder", "") for e in taken), show(resumed)
+    assert released and released[0]["rows"] == len(claims), show(resumed)
 
     received = [item for item in standin.received(PATH) if is_whole(item)]
     assert len(received) == len(standin.received(PATH)) - len(cut_short)
@@ -123,19 +122,19 @@ def test_kill_9_mid_sync_then_next_run_completes_resending_only_the_unrecorded(
         assert len({item.message["messageId"] for item in copies}) == 1, (
             f"{user} was sent again under another messageId"
         )
+        assert len({item.body for item in copies}) == 1, f"{user} was sent again other bytes"
     twice = sorted(user for user, copies in everyone.items() if len(copies) > 1)
     assert all(len(copies) <= 2 for copies in everyone.values())
     assert len(twice) <= RESENT_BOUND, f"{len(twice)} users sent twice: {twice[:40]}"
     # What was recorded before the kill was never sent again.
     assert not set(twice) & {user for user, _ in told_before}
 
-    assert sorted(query(engine, "select user_id, value from syncer_delivered")) == [
+    assert sorted(query(engine, "select user_id, value from syncer_state")) == [
         (user, "true") for user in users
     ]
     assert query(engine, "select count(*) from syncer_outbox") == [(0,)]
-    assert query(engine, "select name from syncer_leases") == []
     # Messages ids recorded are the ones that were received.
-    recorded_ids = dict(query(engine, "select user_id, message_id from syncer_delivered"))
+    recorded_ids = dict(query(engine, "select user_id, message_id from syncer_state"))
     assert all(recorded_ids[u] == c[0].message["messageId"] for u, c in everyone.items())
     # The killed run is not left "running" forever: the next run marked it crashed.
     statuses = query(engine, "select status from syncer_runs order by id")

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from syncer.store.repository import Repository
+from syncer.store import Store
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream
 from tests.integration.fault_support import (
@@ -96,18 +96,23 @@ def json_of(settings: Path, *args: str) -> Any:
 
 @SQLITE_ONLY
 def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_changes(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    engine = repository.engine
+    engine = store.engine
     upstream.add_audience("aud_1", "Buyers")
     upstream.add("aud_1", "u1", "u2", "u3", "u4", "u5")
     up, down = standin.url("/up"), standin.url("/down")
+    # One request at a time: only the first change of each run reaches /down (and gets a 503,
+    # so /down may have processed it); the others are certainly unsent.
     settings = write_settings(
-        tmp_path / "settings.toml", database_url, [up, down], delivery={"max_attempts": 2}
+        tmp_path / "settings.toml",
+        database_url,
+        [up, down],
+        delivery={"max_attempts": 2, "concurrency": 1},
     )
     sync(settings, expect=0)
     standin.clear()
@@ -118,8 +123,9 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
     for step, (enter, leave) in enumerate(
         [
             (["u6", "u7"], ["u1", "u3"]),  # u1, u3 told true before, now leave
-            (["u8"], ["u6", "u2"]),  # u6 entered and left while /down was down
-            (["u3"], []),  # u3 comes back: for /down, nothing changed
+            # u6 entered and left while /down was down; its entry reached /down (503)
+            (["u8"], ["u6", "u2"]),
+            (["u3"], []),  # u3 comes back, its exit never sent: for /down, nothing changed
         ]
     ):
         if enter:
@@ -146,8 +152,15 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
         }
         expected_backlog = {
             0: {"u1": "false", "u3": "false", "u6": "true", "u7": "true"},
-            1: {"u1": "false", "u2": "false", "u3": "false", "u7": "true", "u8": "true"},
-            2: {"u1": "false", "u2": "false", "u7": "true", "u8": "true"},
+            1: {
+                "u1": "false",
+                "u2": "false",
+                "u3": "false",
+                "u6": "false",
+                "u7": "true",
+                "u8": "true",
+            },
+            2: {"u1": "false", "u2": "false", "u6": "false", "u7": "true", "u8": "true"},
         }[step]
         assert backlog == {u: (v, "pending") for u, v in expected_backlog.items()}, step
         assert not [row for row in outbox_rows(engine) if row["url"] == up]
@@ -160,11 +173,13 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
     back = sync(settings, expect=0)
 
     assert standin.received("/up") == [], show(back)
-    # Only the net changes: u6 (in and out) hears nothing, nor does u3 (out and back in);
-    # u1 and u2, told true before, get exactly one false each.
+    # Only the net changes: u3 (out and back in, never sent) hears nothing; u1 and u2, told
+    # true before, get exactly one false each. u6's entry may have been processed by /down, so
+    # it is told u6 is out rather than left believing u6 may be in.
     assert values_at(standin, "/down") == {
         "u1": [False],
         "u2": [False],
+        "u6": [False],
         "u7": [True],
         "u8": [True],
     }
@@ -175,10 +190,9 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
             assert item.message["messageId"] == first_attempt[user], user
     told = delivered_values(engine)
     expected = {"u1": "false", "u2": "false", "u3": "true", "u4": "true", "u5": "true"}
-    expected |= {"u7": "true", "u8": "true"}
+    expected |= {"u6": "false", "u7": "true", "u8": "true"}
     assert {u: v for (url, _, u), v in told.items() if url == down} == expected
-    # /up was told u6 entered, then that u6 left; /down never heard of u6.
-    assert {u: v for (url, _, u), v in told.items() if url == up} == expected | {"u6": "false"}
+    assert {u: v for (url, _, u), v in told.items() if url == up} == expected
     assert outbox_rows(engine) == []
 
 
@@ -186,13 +200,13 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
 
 
 def test_rejected_change_is_retried_then_parked_then_requeued_by_syncer_retry(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    engine = repository.engine
+    engine = store.engine
     upstream.add_audience("aud_1", "Repeat Buyers")
     upstream.add("aud_1", "good1", "bad", "good2", "good3")
     refusing = {"/a": True, "/b": True}
@@ -270,13 +284,13 @@ def test_rejected_change_is_retried_then_parked_then_requeued_by_syncer_retry(
 
 
 def test_mass_exit_is_held_until_approved_while_other_audiences_sync(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    engine = repository.engine
+    engine = store.engine
     audiences = {
         "aud_big": ("Loyal Customers", [f"big-{n:02d}" for n in range(40)]),
         "aud_quarter": ("Window Shoppers", [f"qtr-{n:02d}" for n in range(40)]),
@@ -303,19 +317,18 @@ def test_mass_exit_is_held_until_approved_while_other_audiences_sync(
 
     dry = sync(settings, "--dry-run", expect=0)
 
-    assert "would HOLD audience aud_big" in dry.stdout, show(dry)
+    url = standin.url("/wf")
+    assert f"would HOLD {url} loyal_customers" in dry.stdout, show(dry)
     assert "30 of the 40" in dry.stdout, show(dry)
     assert "big-" not in dry.stdout.replace("would HOLD", ""), show(dry)
-    assert "would HOLD audience aud_quarter" not in dry.stdout
-    assert "would HOLD audience aud_small" not in dry.stdout
+    assert "window_shoppers:" not in dry.stdout and "beta_testers:" not in dry.stdout
     assert standin.received() == []
 
     held = sync(settings, expect=1)
 
-    assert "HELD audience aud_big" in held.stdout, show(held)
+    assert f"HELD {url} loyal_customers" in held.stdout, show(held)
     assert "30 of the 40" in held.stdout and "syncer approve loyal_customers" in held.stdout
-    assert "HELD audience aud_quarter" not in held.stdout
-    assert "HELD audience aud_small" not in held.stdout
+    assert "HELD" not in held.stdout.replace(f"HELD {url} loyal_customers", "")
     sent = values_at(standin, "/wf")
     assert not [user for user in sent if user.startswith("big-")]
     assert sent == {
@@ -324,12 +337,12 @@ def test_mass_exit_is_held_until_approved_while_other_audiences_sync(
         "news-new": [True],
     }
     state = {record["id"]: record for record in json_of(settings, "inspect", "audiences")}
-    assert state["aud_big"]["held"] is True
-    assert "30 of the 40" in state["aud_big"]["hold_reason"]
-    assert [state[a]["held"] for a in ("aud_quarter", "aud_small", "aud_other")] == [False] * 3
+    assert state["aud_big"]["held_for"] == [url]
+    assert "30 of the 40" in state["aud_big"]["urls"][0]["hold_reason"]
+    assert [state[a]["held_for"] for a in ("aud_quarter", "aud_small", "aud_other")] == [[]] * 3
     # Held, but still held on the next run: nothing goes out until someone approves.
     again = sync(settings, expect=1)
-    assert "HELD audience aud_big" in again.stdout
+    assert f"HELD {url} loyal_customers" in again.stdout
     assert values_at(standin, "/wf") == sent
 
     approved = syncer(settings, "approve", "loyal_customers")
@@ -341,7 +354,7 @@ def test_mass_exit_is_held_until_approved_while_other_audiences_sync(
     assert "HELD" not in released.stdout, show(released)
     assert values_at(standin, "/wf") == {user: [False] for user in dropped}
     # The hold is gone, and the ten members left are not a new surge.
-    assert query(engine, "select count(*) from syncer_holds") == [(0,)]
+    assert query(engine, "select count(*) from syncer_pairs where held_at is not null") == [(0,)]
     told = delivered_values(engine)
     assert sum(1 for (_, a, _), v in told.items() if a == "aud_big" and v == "true") == 10
     twice = syncer(settings, "approve", "loyal_customers")
@@ -352,14 +365,14 @@ def test_mass_exit_is_held_until_approved_while_other_audiences_sync(
 
 
 @SQLITE_ONLY
-def test_bad_input_rows_are_parked_and_reported_while_good_rows_are_delivered(
-    repository: Repository,
+def test_bad_input_rows_are_reported_not_queued_while_good_rows_are_delivered(
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    engine = repository.engine
+    engine = store.engine
     upstream.add_audience("aud_1", "Buyers")
     upstream.add("aud_1", "good1", "good2", email="good@example.com")
     upstream.add("aud_1", "no-email")  # a NULL email is allowed: sent without one
@@ -391,26 +404,25 @@ def test_bad_input_rows_are_parked_and_reported_while_good_rows_are_delivered(
     assert "email" not in bare["traits"]
     output = first.stdout + first.stderr
     assert "aud_ghost" in first.stdout and "2 membership row(s)" in first.stdout, show(first)
-    assert "4 change(s) parked" in first.stdout, show(first)
+    assert "4 member row(s) cannot be sent and were not queued" in first.stdout, show(first)
     skipped = [e for e in log_events(first.stderr) if e.get("event") == "invalid_rows_skipped"]
     assert sum(e["count"] for e in skipped) == 4, output
     assert "ghost" not in "".join(json.dumps(i.message) for i in standin.received())
 
-    failures = json_of(settings, "inspect", "failures")
-    assert len(failures) == 4, failures
-    assert all(f["state"] == "parked" for f in failures)
-    assert all(f["last_error"].startswith("invalid input") for f in failures)
-    ids = {f["user_id"] for f in failures}
-    assert {"", "bad\x01id", "x" * 600} <= ids
-    assert len(ids) == 4
+    # Not queued, so not failures: what cannot be sent is counted where the audience is shown.
+    assert json_of(settings, "inspect", "failures") == []
+    audiences = {a["id"]: a for a in json_of(settings, "inspect", "audiences")}
+    assert audiences["aud_1"]["invalid_members"] == 4
+    assert query(engine, "select count(*) from syncer_outbox") == [(0,)]
     told = delivered_values(engine)
     assert sorted(u for (_, _, u) in told) == ["good1", "good2", "no-email"]
 
-    # Later runs neither crash nor send the parked rows again, and still name the orphans.
+    # Later runs neither crash nor send the bad rows, and still report them and the orphans.
     standin.clear()
     second = sync(settings, expect=0)
     assert standin.received() == []
     assert "aud_ghost" in second.stdout, show(second)
+    assert "4 member row(s) cannot be sent" in second.stdout, show(second)
 
 
 # --- what a server may answer ---
@@ -539,7 +551,7 @@ def assert_left_pending(
 @SQLITE_ONLY
 @pytest.mark.parametrize("status", [200, 500])
 def test_huge_response_body_is_read_only_in_part(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
@@ -557,17 +569,17 @@ def test_huge_response_body_is_read_only_in_part(
     assert elapsed < 15, show(result)
     if status == 200:
         assert result.returncode == 0, show(result)
-        assert sorted(u for (_, _, u) in delivered_values(repository.engine)) == users
+        assert sorted(u for (_, _, u) in delivered_values(store.engine)) == users
     else:
-        assert_left_pending(repository.engine, result, users, status=500)
+        assert_left_pending(store.engine, result, users, status=500)
         # What is kept of the answer is a short excerpt, not the 5 MB.
-        errors = [row["last_error"] for row in outbox_rows(repository.engine) if row["attempts"]]
+        errors = [row["last_error"] for row in outbox_rows(store.engine) if row["attempts"]]
         assert all(0 < len(error) <= 1024 and set(error) == {"x"} for error in errors), errors
 
 
 @SQLITE_ONLY
 def test_endless_200_response_is_delivered_in_bounded_time_and_memory(
-    repository: Repository, upstream: Upstream, database_url: str, tmp_path: Path
+    store: Store, upstream: Upstream, database_url: str, tmp_path: Path
 ) -> None:
     upstream.add_audience("aud_1", "Buyers")
     upstream.add("aud_1", "u1", "u2")
@@ -589,7 +601,7 @@ def test_endless_200_response_is_delivered_in_bounded_time_and_memory(
         result, elapsed, max_rss_kb = timed_sync(settings)
 
         assert result.returncode == 0, show(result)
-        assert sorted(u for (_, _, u) in delivered_values(repository.engine)) == ["u1", "u2"]
+        assert sorted(u for (_, _, u) in delivered_values(store.engine)) == ["u1", "u2"]
         assert elapsed < 10, show(result)
         # The sender stops reading after a small prefix: a 300 MB answer is never held whole.
         assert max_rss_kb < 200 * 1024, max_rss_kb
@@ -644,7 +656,7 @@ def hang_up(connection: socket.socket) -> None:
     ids=["hang", "drip", "garbage", "cut-status-line", "cut-body", "hang-up"],
 )
 def test_broken_server_is_retryable_and_the_run_ends_in_bounded_time(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     database_url: str,
     tmp_path: Path,
@@ -666,13 +678,13 @@ def test_broken_server_is_retryable_and_the_run_ends_in_bounded_time(
         # Two attempts of 0.5 s at most for the first change, then the URL counts as down.
         assert elapsed < 8, show(result)
         assert server.requests >= 2, show(result)
-        assert_left_pending(repository.engine, result, ["u1", "u2"], error)
+        assert_left_pending(store.engine, result, ["u1", "u2"], error)
         assert "URL unavailable" in result.stdout, show(result)
 
 
 @SQLITE_ONLY
 def test_retry_after_given_as_an_http_date_is_honoured(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
@@ -704,7 +716,7 @@ def test_retry_after_given_as_an_http_date_is_honoured(
     # The date is two seconds ahead, to the second: at least one second is waited, not the
     # hundredths of a second the backoff alone would give.
     assert 0.9 <= arrivals[1] - arrivals[0] < 4, arrivals
-    assert delivered_values(repository.engine) == {(standin.url("/wf"), "aud_1", "u1"): "true"}
+    assert delivered_values(store.engine) == {(standin.url("/wf"), "aud_1", "u1"): "true"}
 
 
 # --- TLS ---
@@ -712,7 +724,7 @@ def test_retry_after_given_as_an_http_date_is_honoured(
 
 @SQLITE_ONLY
 def test_https_url_to_a_plain_http_port_fails_and_stays_pending(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     database_url: str,
@@ -726,7 +738,7 @@ def test_https_url_to_a_plain_http_port_fails_and_stays_pending(
     result = sync(settings, expect=1)
 
     assert standin.received() == []
-    assert_left_pending(repository.engine, result, ["u1"], "SSL")
+    assert_left_pending(store.engine, result, ["u1"], "SSL")
 
 
 @pytest.fixture
@@ -773,7 +785,7 @@ def self_signed(tmp_path: Path) -> Iterator[tuple[str, Path, list[bytes]]]:
 
 @SQLITE_ONLY
 def test_self_signed_certificate_is_refused_so_verification_is_on(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     database_url: str,
     tmp_path: Path,
@@ -791,4 +803,4 @@ def test_self_signed_certificate_is_refused_so_verification_is_on(
     result = sync(settings, expect=1)
 
     assert len(bodies) == 1, show(result)
-    assert_left_pending(repository.engine, result, ["u1"], "certificate verify failed")
+    assert_left_pending(store.engine, result, ["u1"], "certificate verify failed")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncer.store.repository import Repository
+from syncer.store import Store
 from syncer.sync import SyncOptions
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, run_sync
@@ -69,7 +69,7 @@ step_strategy = st.one_of(
 )
 @given(steps=st.lists(step_strategy, min_size=1, max_size=6), unreliable=st.sampled_from([0, 1]))
 def test_each_url_replica_matches_membership_after_every_healthy_sync(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     standin: TrayStandin,
     steps: list[tuple],
@@ -90,7 +90,7 @@ def test_each_url_replica_matches_membership_after_every_healthy_sync(
         for index, workflow in enumerate(workflows):
             workflow.script(mode if index == unreliable else "ok", allowed)
         report = run_sync(
-            repository, urls, SyncOptions(audience=audience_id), max_attempts=2, concurrency=3
+            store, urls, SyncOptions(audience=audience_id), max_attempts=2, concurrency=3
         )
         for workflow in workflows:
             check_arrivals(workflow)

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from sqlalchemy import func, insert, select
 
 from syncer.core.diff import FALSE, TRUE, desired_changes, reconcile_outbox
-from syncer.store.repository import Repository, utcnow
+from syncer.store import Store
 from syncer.store.schema import delivered, outbox
+from syncer.store.sql import utcnow
 from tests.conftest import Upstream
 
 # Near-identical ids too, so that a comparison that folds case or trims spaces shows up.
@@ -27,9 +28,9 @@ STATUSES = st.sampled_from(["pending", "rejected"])
 _examples = itertools.count()
 
 
-def _outbox_rows(repository: Repository, destination_id: int, audience_id: str) -> dict:
+def _outbox_rows(store: Store, destination_id: int, audience_id: str) -> dict:
     """user -> (id, value) of one pair's outbox."""
-    with repository.engine.connect() as connection:
+    with store.engine.connect() as connection:
         rows = connection.execute(
             select(outbox.c.user_id, outbox.c.id, outbox.c.value).where(
                 outbox.c.destination_id == destination_id, outbox.c.audience_id == audience_id
@@ -40,8 +41,8 @@ def _outbox_rows(repository: Repository, destination_id: int, audience_id: str) 
     return {row.user_id: (row.id, row.value) for row in rows}
 
 
-def _highest_outbox_id(repository: Repository) -> int:
-    with repository.engine.connect() as connection:
+def _highest_outbox_id(store: Store) -> int:
+    with store.engine.connect() as connection:
         return int(connection.execute(select(func.max(outbox.c.id))).scalar_one() or 0)
 
 
@@ -57,7 +58,7 @@ def _highest_outbox_id(repository: Repository) -> int:
     full=st.booleans(),
 )
 def test_plan_leaves_exactly_the_specified_changes_and_keeps_kept_ids(
-    repository: Repository,
+    store: Store,
     upstream: Upstream,
     current: frozenset[str],
     told: dict[str, str],
@@ -70,9 +71,9 @@ def test_plan_leaves_exactly_the_specified_changes_and_keeps_kept_ids(
     if current:
         upstream.add(audience_id, *sorted(current))
     url = f"http://127.0.0.1:9/spec/{n}"
-    destination_id = repository.ensure_destinations([url])[url]
+    destination_id = store.ensure_destinations([url])[url]
     now = utcnow()
-    with repository.engine.begin() as connection:
+    with store.engine.begin() as connection:
         if told:
             connection.execute(
                 insert(delivered),
@@ -112,21 +113,21 @@ def test_plan_leaves_exactly_the_specified_changes_and_keeps_kept_ids(
             )
     members = {user: TRUE for user in current}
     desired = desired_changes(members, told, full=full)
-    before = _outbox_rows(repository, destination_id, audience_id)
-    highest_before = _highest_outbox_id(repository)
+    before = _outbox_rows(store, destination_id, audience_id)
+    highest_before = _highest_outbox_id(store)
 
     # What a dry run would show: the desired changes, whatever is queued.
     streamed = [
         change
-        for batch in repository.stream_desired(destination_id, audience_id, full=full, batch_size=3)
+        for batch in store.stream_desired(destination_id, audience_id, full=full, batch_size=3)
         for change in batch
     ]
     assert len(streamed) == len({user for user, _ in streamed})
     assert dict(streamed) == desired
 
-    counts = repository.plan(destination_id, audience_id, full=full)
+    counts = store.plan(destination_id, audience_id, full=full)
 
-    after = _outbox_rows(repository, destination_id, audience_id)
+    after = _outbox_rows(store, destination_id, audience_id)
     assert {user: value for user, (_id, value) in after.items()} == desired
     assert (counts.entered, counts.exited) == (
         sum(1 for value in desired.values() if value == TRUE),
@@ -143,5 +144,5 @@ def test_plan_leaves_exactly_the_specified_changes_and_keeps_kept_ids(
         assert after[user][0] > highest_before, f"{user}'s new change reuses an old id"
 
     # Planning again with nothing changed moves nothing.
-    repository.plan(destination_id, audience_id, full=full)
-    assert _outbox_rows(repository, destination_id, audience_id) == after
+    store.plan(destination_id, audience_id, full=full)
+    assert _outbox_rows(store, destination_id, audience_id) == after

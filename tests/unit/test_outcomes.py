@@ -17,9 +17,10 @@ NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
     [
         *((status, OutcomeKind.DELIVERED) for status in (200, 201, 204, 299)),
         *((status, OutcomeKind.RETRYABLE) for status in (408, 423, 429, 500, 501, 502, 503, 599)),
+        *((status, OutcomeKind.REFUSED) for status in (401, 403, 404, 410)),
         *(
             (status, OutcomeKind.REJECTED)
-            for status in (100, 199, 300, 301, 302, 400, 401, 403, 404, 410, 413, 422, 600)
+            for status in (100, 199, 300, 301, 302, 400, 402, 405, 409, 413, 422, 600)
         ),
     ],
 )

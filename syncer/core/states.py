@@ -1,0 +1,40 @@
+"""The named states of changes, runs and (URL, audience) pairs.
+
+Stored as their string values; compared and branched on as enums, never by string prefixes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ChangeStatus(enum.StrEnum):
+    """Where a queued change stands."""
+
+    PENDING = "pending"  # waiting to be claimed and sent
+    REJECTED = "rejected"  # refused for good last time; the next plan queues it again
+    PARKED = "parked"  # rejected on max_rejections runs: waits for `syncer retry`
+
+
+class RunStatus(enum.StrEnum):
+    """How a run ended (or that it has not)."""
+
+    RUNNING = "running"
+    OK = "ok"  # everything due was delivered
+    PARTIAL = "partial"  # something stays owed: pending, rejected, held, or a URL refused
+    FAILED = "failed"  # the run itself failed (database down, a bug)
+    STOPPED = "stopped"  # asked to stop; what was not sent stays queued
+    CANCELLED = "cancelled"  # cancelled after the stop grace ran out
+    CRASHED = "crashed"  # the process running it died
+
+
+class PairState(enum.StrEnum):
+    """What one run did with one (URL, audience)."""
+
+    DONE = "done"  # nothing left owed
+    PENDING = "pending"  # changes left for a later run
+    HELD = "held"  # the mass-exit guard holds it until `syncer approve`
+    URL_DOWN = "url_down"  # the URL failed (retryable) and was given up for this run
+    URL_REFUSED = "url_refused"  # the URL refused everything (401/403/404/410)
+    STOPPED = "stopped"  # the run was asked to stop
+    CLAIM_LOST = "claim_lost"  # the database could not confirm our claims: we stopped sending

@@ -1,0 +1,296 @@
+"""The outbox: claiming queued changes just before sending them, and recording what the URL
+did with them, fenced by the claim."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    not_,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from syncer.core.diff import FALSE, TRUE
+from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.payload import message_id
+from syncer.core.states import ChangeStatus
+from syncer.store.claims import RELEASED, Claim, claim_values, owned, unclaimed
+from syncer.store.schema import (
+    audience_memberships,
+    deleted_users,
+    destinations,
+    outbox,
+    pairs,
+    state,
+)
+from syncer.store.sql import dialect_insert, reading, writing
+
+_m = audience_memberships
+
+
+@dataclass(frozen=True)
+class QueuedChange:
+    """One claimed change, with everything its body is built from."""
+
+    change_id: int
+    user_id: str
+    value: str
+    anonymous_id: str | None
+    email: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Exchanged:
+    """What one exchange did: the changes now claimed (by id), how many recorded outcomes were
+    refused because the claim had been lost, and whether the pair is held."""
+
+    claimed: list[QueuedChange]
+    lost: int = 0
+    held: bool = False
+
+
+def _suppressed(user: ColumnElement[str]) -> ColumnElement[bool]:
+    return exists().where(deleted_users.c.user_id == user)
+
+
+class OutboxStore:
+    """Claims queued changes and records their outcomes."""
+
+    def __init__(self, engine: Engine, namespace: uuid.UUID) -> None:
+        self.engine = engine
+        self.namespace = namespace
+
+    def exchange(
+        self,
+        claim: Claim,
+        destination_id: int,
+        audience_id: str,
+        *,
+        results: Sequence[tuple[int, Outcome]],
+        want: int,
+        after_id: int,
+        now: datetime,
+        max_rejections: int,
+    ) -> Exchanged:
+        """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
+        transaction: the send of each claimed change is decided here, against the state of now.
+
+        A change is claimed only if it is pending, no live claim holds it, its user is not
+        deleted, the pair is not held, and it is still wanted (an entry for a member, an exit
+        for a non-member): what upstream changed since the plan is left for the next plan.
+        """
+        with writing(self.engine) as connection:
+            lost = self._record(connection, claim, destination_id, results, now, max_rejections)
+            if want <= 0:
+                return Exchanged([], lost)
+            hold = connection.execute(
+                select(pairs.c.held_at, pairs.c.approved_at).where(
+                    pairs.c.destination_id == destination_id, pairs.c.audience_id == audience_id
+                )
+            ).one_or_none()
+            if hold is not None and hold.held_at is not None and hold.approved_at is None:
+                return Exchanged([], lost, held=True)
+            return Exchanged(
+                self._claim(connection, claim, destination_id, audience_id, want, after_id), lost
+            )
+
+    @staticmethod
+    def _claim(
+        connection: Connection,
+        claim: Claim,
+        destination_id: int,
+        audience_id: str,
+        want: int,
+        after_id: int,
+    ) -> list[QueuedChange]:
+        o = outbox.c
+        member = exists().where(_m.c.audience_id == audience_id, _m.c.user_id == o.user_id)
+        chosen = (
+            select(o.id)
+            .where(
+                o.destination_id == destination_id,
+                o.audience_id == audience_id,
+                o.status == ChangeStatus.PENDING.value,
+                o.id > after_id,
+                unclaimed(outbox),
+                not_(_suppressed(o.user_id)),
+                or_(and_(o.value == TRUE, member), and_(o.value == FALSE, not_(member))),
+            )
+            .order_by(o.id)
+            .limit(want)
+            .with_for_update(skip_locked=True)
+        )
+        rows = connection.execute(
+            update(outbox)
+            .where(o.id.in_(chosen.scalar_subquery()))
+            # A run-out claim being taken over may have been sent by its dead claimer.
+            .values(attempted=or_(o.attempted, o.claim_token.is_not(None)), **claim_values(claim))
+            .returning(o.id, o.user_id, o.value, o.anonymous_id, o.email, o.created_at)
+        ).all()
+        return sorted((QueuedChange(*row) for row in rows), key=lambda change: change.change_id)
+
+    def _record(
+        self,
+        connection: Connection,
+        claim: Claim,
+        destination_id: int,
+        results: Sequence[tuple[int, Outcome]],
+        now: datetime,
+        max_rejections: int,
+    ) -> int:
+        if not results:
+            return 0
+        mine = owned(connection, outbox, [change_id for change_id, _ in results], claim)
+        delivered = [
+            i for i, outcome in results if i in mine and outcome.kind is OutcomeKind.DELIVERED
+        ]
+        if delivered:
+            self._accepted(connection, destination_id, delivered, now)
+        park = case(
+            (outbox.c.rejections + 1 >= max_rejections, ChangeStatus.PARKED.value),
+            else_=ChangeStatus.REJECTED.value,
+        )
+        failed = [(i, o) for i, o in results if i in mine and o.kind is not OutcomeKind.DELIVERED]
+        for kind, status, rejection in (
+            (OutcomeKind.RETRYABLE, outbox.c.status, 0),
+            (OutcomeKind.REFUSED, outbox.c.status, 0),
+            (OutcomeKind.REJECTED, park, 1),
+        ):
+            batch = [(i, o) for i, o in failed if o.kind is kind]
+            if batch:
+                connection.execute(
+                    update(outbox)
+                    .where(outbox.c.id == bindparam("change_id"))
+                    .values(
+                        status=status,
+                        attempts=outbox.c.attempts + bindparam("tries", type_=Integer),
+                        rejections=outbox.c.rejections + rejection,
+                        last_status=bindparam("http_status", type_=Integer),
+                        last_error=bindparam("error", type_=Text),
+                        last_attempt_at=now,
+                        attempted=True,
+                        **RELEASED,
+                    ),
+                    [
+                        {
+                            "change_id": i,
+                            "tries": o.attempts,
+                            "http_status": o.status,
+                            "error": o.detail,
+                        }
+                        for i, o in batch
+                    ],
+                )
+        unsent = [i for i, o in failed if o.kind is OutcomeKind.NOT_SENT]
+        if unsent:
+            connection.execute(update(outbox).where(outbox.c.id.in_(unsent)).values(**RELEASED))
+        if failed:
+            # A user deleted while their change was in flight: nothing more is sent about them.
+            connection.execute(
+                delete(outbox).where(
+                    outbox.c.id.in_([i for i, _ in failed]), _suppressed(outbox.c.user_id)
+                )
+            )
+        return len(results) - len(mine)
+
+    def _accepted(
+        self, connection: Connection, destination_id: int, change_ids: list[int], now: datetime
+    ) -> None:
+        o = outbox.c
+        rows = connection.execute(
+            delete(outbox)
+            .where(o.id.in_(change_ids))
+            .returning(o.id, o.audience_id, o.user_id, o.value, o.anonymous_id, o.email)
+        ).all()
+        # Checked after the rows were taken: a delete-user that committed meanwhile is seen
+        # here, and one still running waits for this transaction and then removes what it wrote.
+        users = sorted({row.user_id for row in rows})
+        deleted = set(
+            connection.execute(
+                select(deleted_users.c.user_id).where(deleted_users.c.user_id.in_(users))
+            ).scalars()
+        )
+        told = [row for row in rows if row.user_id not in deleted]
+        if told:
+            upsert = dialect_insert(connection, state)
+            connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["destination_id", "audience_id", "user_id"],
+                    set_={
+                        name: upsert.excluded[name]
+                        for name in (
+                            "value",
+                            "unsure",
+                            "anonymous_id",
+                            "email",
+                            "message_id",
+                            "told_at",
+                        )
+                    },
+                ),
+                [
+                    {
+                        "destination_id": destination_id,
+                        "audience_id": row.audience_id,
+                        "user_id": row.user_id,
+                        "value": row.value,
+                        "unsure": False,
+                        "anonymous_id": row.anonymous_id,
+                        "email": row.email,
+                        "message_id": message_id(self.namespace, row.id),
+                        "told_at": now,
+                    }
+                    for row in told
+                ],
+            )
+        connection.execute(
+            update(destinations)
+            .where(destinations.c.id == destination_id, destinations.c.refused_status.is_not(None))
+            .values(refused_status=None, refused_at=None, refused_error=None)
+        )
+
+    def status_counts(self, destination_id: int, audience_id: str) -> dict[ChangeStatus, int]:
+        """How many queued changes of one (URL, audience) are pending, rejected or parked."""
+        with reading(self.engine) as connection:
+            rows = connection.execute(
+                select(outbox.c.status, func.count())
+                .where(
+                    outbox.c.destination_id == destination_id, outbox.c.audience_id == audience_id
+                )
+                .group_by(outbox.c.status)
+            )
+            return {ChangeStatus(row[0]): int(row[1]) for row in rows}
+
+    def requeue(self, destination_ids: Sequence[int] | None, audience_id: str | None) -> int:
+        """Put rejected and parked changes back in line; return how many."""
+        statement = update(outbox).where(
+            outbox.c.status.in_([ChangeStatus.REJECTED.value, ChangeStatus.PARKED.value])
+        )
+        if destination_ids is not None:
+            statement = statement.where(outbox.c.destination_id.in_(list(destination_ids)))
+        if audience_id is not None:
+            statement = statement.where(outbox.c.audience_id == audience_id)
+        with writing(self.engine) as connection:
+            counted = connection.execution_options(preserve_rowcount=True)
+            return int(
+                counted.execute(
+                    statement.values(status=ChangeStatus.PENDING.value, rejections=0)
+                ).rowcount
+            )

@@ -1,0 +1,418 @@
+"""Planning one (URL, audience): the diff, in set-based SQL, in one transaction.
+
+The plan makes the outbox hold exactly what the URL must be told (the rules of
+:func:`syncer.core.diff.plan_user`, which the tests hold this SQL to), and applies the mass-exit
+guard to the exits it would queue, in the same transaction: what the guard counted is what is
+queued, whatever upstream does meanwhile. The pair's row is locked for the transaction, so plans
+of one pair never overlap; on PostgreSQL every statement reads one snapshot (REPEATABLE READ,
+retried on a serialization failure), on SQLite the write lock taken at BEGIN gives the same.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    DateTime,
+    Engine,
+    Integer,
+    Text,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from syncer.core.diff import FALSE, TRUE
+from syncer.core.guard import GuardLimits, guard_verdict
+from syncer.core.states import ChangeStatus
+from syncer.store.schema import (
+    OUTBOX_MAYBE_PROCESSED,
+    STATE_TOLD_TRUE,
+    STATE_UNSURE,
+    audience_memberships,
+    deleted_users,
+    destinations,
+    outbox,
+    pairs,
+    state,
+)
+from syncer.store.sql import (
+    dialect_insert,
+    retrying_serialization,
+    rolled_back,
+    row_problem,
+    writing,
+)
+
+# Two plans of one pair are never less than this apart in their changes' timestamps, so a
+# compensating change is always newer than the one it corrects, whatever the hosts' clocks say.
+TIMESTAMP_STEP = timedelta(milliseconds=1)
+_m = audience_memberships
+
+
+class PlanOutcome(enum.Enum):
+    """Whether a plan queued its changes or the guard held the pair."""
+
+    PLANNED = "planned"
+    HELD = "held"
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What one plan did."""
+
+    outcome: PlanOutcome
+    new_entered: int = 0
+    new_exited: int = 0
+    queued_entries: int = 0  # all queued, sendable entries (new and from earlier runs)
+    queued_exits: int = 0
+    invalid: int = 0  # members that cannot be sent (not queued; planned once fixed upstream)
+    invalid_example: str | None = None  # "user_id: problem" of one of them
+    hold_reason: str | None = None
+    approved: bool = False  # the guard would have held, but the hold was approved
+
+
+class _Held(Exception):
+    """Raised inside the plan's transaction to undo it: the guard holds the pair."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """The SQL predicates of one (URL, audience), for the statements of a plan."""
+
+    connection: Connection
+    destination_id: int
+    audience_id: str
+
+    def outbox(self) -> ColumnElement[bool]:
+        return and_(
+            outbox.c.destination_id == self.destination_id,
+            outbox.c.audience_id == self.audience_id,
+        )
+
+    def member(self, user: Any) -> ColumnElement[bool]:
+        return exists().where(_m.c.audience_id == self.audience_id, _m.c.user_id == user)
+
+    def valid_member(self, user: Any) -> ColumnElement[bool]:
+        problem = row_problem(self.connection, _m.c.user_id, _m.c.anonymous_id, _m.c.email)
+        return exists().where(
+            _m.c.audience_id == self.audience_id, _m.c.user_id == user, problem.is_(None)
+        )
+
+    @staticmethod
+    def suppressed(user: Any) -> ColumnElement[bool]:
+        return exists().where(deleted_users.c.user_id == user)
+
+    def _state(self, user: Any) -> ColumnElement[bool]:
+        return and_(
+            state.c.destination_id == self.destination_id,
+            state.c.audience_id == self.audience_id,
+            state.c.user_id == user,
+        )
+
+    def certainly_true(self, user: Any) -> ColumnElement[bool]:
+        return exists().where(self._state(user), state.c.value == TRUE, state.c.unsure == false())
+
+    def may_hold_a_value(self, user: Any) -> ColumnElement[bool]:
+        return exists().where(
+            self._state(user), or_(state.c.value == TRUE, state.c.unsure == true())
+        )
+
+    def queued(self, user: Any) -> ColumnElement[bool]:
+        return exists().where(
+            outbox.c.destination_id == self.destination_id,
+            outbox.c.audience_id == self.audience_id,
+            outbox.c.user_id == user,
+        )
+
+
+_OUTBOX_COLUMNS = [
+    "destination_id", "audience_id", "user_id", "value", "anonymous_id", "email", "forced",
+    "attempted", "created_at", "status", "attempts", "rejections",
+]  # fmt: skip
+
+
+def _new_change(pair: _Pair, value: str, forced: bool, now: datetime) -> list[Any]:
+    return [
+        literal(pair.destination_id, Integer),
+        literal(pair.audience_id, Text),
+        literal(value, Text),
+        literal(forced, Boolean),
+        literal(False, Boolean),
+        literal(now, DateTime),
+        literal(ChangeStatus.PENDING.value, Text),
+        literal(0, Integer),
+        literal(0, Integer),
+    ]
+
+
+def _insert_changes(connection: Connection, select_: Any) -> int:
+    counted = connection.execution_options(preserve_rowcount=True)
+    return int(counted.execute(insert(outbox).from_select(_OUTBOX_COLUMNS, select_)).rowcount)
+
+
+def _lock_pair(pair: _Pair) -> Any:
+    connection = pair.connection
+    connection.execute(
+        dialect_insert(connection, pairs)
+        .values(destination_id=pair.destination_id, audience_id=pair.audience_id)
+        .on_conflict_do_nothing()
+    )
+    return connection.execute(
+        select(pairs)
+        .where(
+            pairs.c.destination_id == pair.destination_id, pairs.c.audience_id == pair.audience_id
+        )
+        .with_for_update()
+    ).one()
+
+
+def _plan_in(pair: _Pair, *, full: bool, now: datetime, limits: GuardLimits) -> PlanResult:
+    connection = pair.connection
+    row = _lock_pair(pair)
+    if row.last_planned_at is not None and now <= row.last_planned_at:
+        now = row.last_planned_at + TIMESTAMP_STEP
+    held = row.held_at is not None
+    approved = held and row.approved_at is not None
+
+    # A change refused last run is tried again this run.
+    connection.execute(
+        update(outbox)
+        .where(pair.outbox(), outbox.c.status == ChangeStatus.REJECTED.value)
+        .values(status=ChangeStatus.PENDING.value)
+    )
+
+    o = outbox.c
+    kept = and_(
+        not_(pair.suppressed(o.user_id)),
+        or_(
+            # A member whose row cannot be sent is left exactly as it is.
+            and_(pair.member(o.user_id), not_(pair.valid_member(o.user_id))),
+            and_(
+                o.value == TRUE,
+                pair.valid_member(o.user_id),
+                or_(
+                    OUTBOX_MAYBE_PROCESSED,
+                    o.forced,
+                    literal(full, Boolean),
+                    not_(pair.certainly_true(o.user_id)),
+                ),
+            ),
+            and_(
+                o.value == FALSE,
+                not_(pair.member(o.user_id)),
+                or_(OUTBOX_MAYBE_PROCESSED, pair.may_hold_a_value(o.user_id)),
+            ),
+        ),
+    )
+    # A change that may have been processed and is now dropped leaves its doubt behind: until
+    # the URL accepts a newer value, the current one is sent even if it looks like a no-op.
+    doubtful = select(
+        o.destination_id, o.audience_id, o.user_id, literal(True, Boolean), o.anonymous_id, o.email
+    ).where(pair.outbox(), OUTBOX_MAYBE_PROCESSED, not_(kept), not_(pair.suppressed(o.user_id)))
+    upsert = dialect_insert(connection, state).from_select(
+        ["destination_id", "audience_id", "user_id", "unsure", "anonymous_id", "email"], doubtful
+    )
+    connection.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["destination_id", "audience_id", "user_id"], set_={"unsure": True}
+        )
+    )
+    connection.execute(delete(outbox).where(pair.outbox(), not_(kept)))
+    if full:
+        connection.execute(update(outbox).where(pair.outbox(), o.value == TRUE).values(forced=True))
+
+    candidates = and_(
+        _m.c.audience_id == pair.audience_id,
+        not_(pair.suppressed(_m.c.user_id)),
+        not_(pair.queued(_m.c.user_id)),
+        or_(literal(full, Boolean), not_(pair.certainly_true(_m.c.user_id))),
+    )
+    problem = row_problem(connection, _m.c.user_id, _m.c.anonymous_id, _m.c.email)
+    fields = _new_change(pair, TRUE, full, now)
+    new_entered = _insert_changes(
+        connection,
+        select(
+            fields[0],
+            fields[1],
+            _m.c.user_id,
+            fields[2],
+            _m.c.anonymous_id,
+            _m.c.email,
+            *fields[3:],
+        ).where(candidates, problem.is_(None)),
+    )
+    invalid = int(
+        connection.execute(
+            select(func.count()).where(candidates, problem.is_not(None))
+        ).scalar_one()
+    )
+    example = None
+    if invalid:
+        first = connection.execute(
+            select(_m.c.user_id, problem)
+            .where(candidates, problem.is_not(None))
+            .order_by(_m.c.user_id)
+            .limit(1)
+        ).one()
+        example = f"{first[0]!r}: {first[1]}"
+
+    s = state.c
+    exits = _new_change(pair, FALSE, False, now)
+    leaving = and_(
+        s.destination_id == pair.destination_id,
+        s.audience_id == pair.audience_id,
+        not_(pair.member(s.user_id)),
+        not_(pair.queued(s.user_id)),
+        not_(pair.suppressed(s.user_id)),
+    )
+    exit_columns = (exits[0], exits[1], s.user_id, exits[2], s.anonymous_id, s.email, *exits[3:])
+    new_exited = _insert_changes(connection, select(*exit_columns).where(STATE_TOLD_TRUE, leaving))
+    told = int(
+        connection.execute(
+            select(func.count()).where(
+                s.destination_id == pair.destination_id,
+                s.audience_id == pair.audience_id,
+                STATE_TOLD_TRUE,
+            )
+        ).scalar_one()
+    )
+    verdict = guard_verdict(told=told, new_exits=new_exited, limits=limits)
+    if verdict.hold and not approved:
+        raise _Held(verdict.reason)
+    # Users the URL may have been told about without ever accepting: tell them they are out.
+    new_exited += _insert_changes(
+        connection,
+        select(*exit_columns).where(STATE_UNSURE, or_(s.value.is_(None), s.value != TRUE), leaving),
+    )
+
+    queued: dict[str, int] = dict(
+        connection.execute(
+            select(o.value, func.count())
+            .where(pair.outbox(), o.status != ChangeStatus.PARKED.value)
+            .group_by(o.value)
+        ).all()
+    )
+    connection.execute(
+        update(pairs)
+        .where(
+            pairs.c.destination_id == pair.destination_id, pairs.c.audience_id == pair.audience_id
+        )
+        .values(
+            last_planned_at=now,
+            **({"held_at": None, "hold_reason": None, "approved_at": None} if held else {}),
+        )
+    )
+    return PlanResult(
+        PlanOutcome.PLANNED,
+        new_entered=new_entered,
+        new_exited=new_exited,
+        queued_entries=int(queued.get(TRUE, 0)),
+        queued_exits=int(queued.get(FALSE, 0)),
+        invalid=invalid,
+        invalid_example=example,
+        approved=approved and verdict.hold,
+    )
+
+
+class PlanStore:
+    """Plans (URL, audience) pairs, for real or as a dry run."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def plan(
+        self,
+        destination_id: int,
+        audience_id: str,
+        *,
+        full: bool,
+        now: datetime,
+        limits: GuardLimits,
+    ) -> PlanResult:
+        """Make the pair's outbox hold exactly what its URL must be told, or hold the pair."""
+
+        def attempt() -> PlanResult:
+            with writing(self.engine, snapshot=True) as connection:
+                pair = _Pair(connection, destination_id, audience_id)
+                try:
+                    with connection.begin_nested():
+                        return _plan_in(pair, full=full, now=now, limits=limits)
+                except _Held as held:
+                    reason = held.reason
+                connection.execute(
+                    update(pairs)
+                    .where(
+                        pairs.c.destination_id == destination_id, pairs.c.audience_id == audience_id
+                    )
+                    .values(
+                        held_at=func.coalesce(pairs.c.held_at, now),
+                        hold_reason=reason,
+                    )
+                )
+                return PlanResult(PlanOutcome.HELD, hold_reason=reason)
+
+        return retrying_serialization(attempt)
+
+    def dry_run(
+        self,
+        url: str,
+        canonical: str,
+        audience_id: str,
+        *,
+        full: bool,
+        now: datetime,
+        limits: GuardLimits,
+        batch_size: int,
+        emit: Callable[[str, str], None],
+    ) -> PlanResult:
+        """Plan exactly as a run would, hand every change it would send to ``emit(user, value)``
+        in batches, then undo everything: nothing is written."""
+        with rolled_back(self.engine) as connection:
+            connection.execute(
+                dialect_insert(connection, destinations)
+                .values(url=url, canonical=canonical, first_seen_at=now)
+                .on_conflict_do_nothing()
+            )
+            destination_id = connection.execute(
+                select(destinations.c.id).where(destinations.c.canonical == canonical)
+            ).scalar_one()
+            pair = _Pair(connection, destination_id, audience_id)
+            try:
+                with connection.begin_nested():
+                    result = _plan_in(pair, full=full, now=now, limits=limits)
+            except _Held as held:
+                return PlanResult(PlanOutcome.HELD, hold_reason=held.reason)
+            rows = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
+                select(outbox.c.user_id, outbox.c.value)
+                .where(
+                    pair.outbox(),
+                    outbox.c.status == ChangeStatus.PENDING.value,
+                    not_(pair.suppressed(outbox.c.user_id)),
+                )
+                .order_by(outbox.c.id)
+            )
+            for partition in rows.partitions(batch_size):
+                for user_id, value in partition:
+                    emit(user_id, value)
+            return result

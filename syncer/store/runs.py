@@ -1,0 +1,102 @@
+"""Runs: one row per sync, and per (URL, audience) the last run's result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, update
+
+from syncer.core.states import RunStatus
+from syncer.store.schema import pairs, runs
+from syncer.store.sql import dialect_insert, reading, writing
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """The figures a run reports and records."""
+
+    audiences: int = 0
+    entered: int = 0
+    exited: int = 0
+    delivered: int = 0
+    pending: int = 0
+    rejected: int = 0
+    parked: int = 0
+
+
+class RunStore:
+    """Records runs, and marks those whose process died."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def start(self, trigger: str, holder: str, now: datetime) -> int:
+        """Record the start of a run; return its id."""
+        with writing(self.engine) as connection:
+            return int(
+                connection.execute(
+                    insert(runs)
+                    .values(
+                        trigger=trigger,
+                        started_at=now,
+                        status=RunStatus.RUNNING.value,
+                        holder=holder,
+                        **asdict(RunCounts()),
+                    )
+                    .returning(runs.c.id)
+                ).scalar_one()
+            )
+
+    def finish(
+        self,
+        run_id: int,
+        status: RunStatus,
+        counts: RunCounts,
+        now: datetime,
+        error: str | None = None,
+    ) -> None:
+        """Record how a run ended."""
+        with writing(self.engine) as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(finished_at=now, status=status.value, error=error, **asdict(counts))
+            )
+
+    def mark_crashed(self, is_dead: Callable[[str], bool]) -> int:
+        """Mark as crashed the runs still running whose process ``is_dead`` says is gone."""
+        with reading(self.engine) as connection:
+            running = connection.execute(
+                select(runs.c.id, runs.c.holder).where(
+                    runs.c.status == RunStatus.RUNNING.value, runs.c.holder.is_not(None)
+                )
+            ).all()
+        dead = [row.id for row in running if is_dead(row.holder)]
+        if dead:
+            with writing(self.engine) as connection:
+                connection.execute(
+                    update(runs)
+                    .where(runs.c.id.in_(dead), runs.c.status == RunStatus.RUNNING.value)
+                    .values(status=RunStatus.CRASHED.value, error="the process running it died")
+                )
+        return len(dead)
+
+    def record_pair(
+        self, destination_id: int, audience_id: str, run_id: int, *, complete: bool, now: datetime
+    ) -> None:
+        """Note that a run worked on a (URL, audience), and whether it left nothing owed."""
+        with writing(self.engine) as connection:
+            values: dict[str, Any] = {"last_run_id": run_id, "last_attempt_at": now}
+            if complete:
+                values["last_success_at"] = now
+            statement = dialect_insert(connection, pairs).values(
+                destination_id=destination_id, audience_id=audience_id, **values
+            )
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["destination_id", "audience_id"], set_=values
+                )
+            )

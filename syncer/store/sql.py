@@ -1,0 +1,156 @@
+"""What every store module shares: transactions, the database's clock, and dialect helpers.
+
+Each dialect gets the same guarantees: a write transaction sees one consistent state for its
+reads and writes (SQLite takes the write lock at BEGIN; PostgreSQL plans in REPEATABLE READ and
+is retried on a serialization failure), and time that decides who holds a claim is read from
+the database, so that clock skew between hosts cannot steal one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Double, Engine, Text, case, cast, func, literal_column
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import LargeBinary
+
+from syncer.core.payload import MAX_EMAIL_LENGTH, MAX_USER_ID_LENGTH
+from syncer.store.database import WRITE_OPTION
+
+T = TypeVar("T")
+
+# SQLSTATEs after which PostgreSQL asks for the transaction to be tried again.
+_RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+SNAPSHOT_ATTEMPTS = 8
+
+
+def utcnow() -> datetime:
+    """The current time as the naive UTC datetime every table stores (read once, at the edge)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def dialect_insert(connection: Connection, table: Any) -> Any:
+    """An INSERT with ``on_conflict_*``: both dialects have it, the base Insert does not."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+class db_epoch(FunctionElement[float]):
+    """The database's clock, in seconds since the epoch: what claim expiry is measured on."""
+
+    type = Double()
+    inherit_cache = True
+
+
+@compiles(db_epoch, "postgresql")
+def _epoch_postgresql(_element: Any, _compiler: Any, **_kw: Any) -> str:
+    return "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
+
+
+@compiles(db_epoch, "sqlite")
+def _epoch_sqlite(_element: Any, _compiler: Any, **_kw: Any) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A read-only transaction: one consistent view for all of its statements."""
+    with engine.connect() as connection, connection.begin():
+        yield connection
+
+
+@contextmanager
+def writing(engine: Engine, *, snapshot: bool = False) -> Iterator[Connection]:
+    """A write transaction. ``snapshot``: on PostgreSQL, REPEATABLE READ, so that every
+    statement sees the same upstream state (SQLite's write lock gives that already); wrap the
+    caller in :func:`retrying_serialization`."""
+    with engine.connect() as connection:
+        connection.execution_options(**{WRITE_OPTION: True})
+        if snapshot and connection.dialect.name == "postgresql":
+            connection.execution_options(isolation_level="REPEATABLE READ")
+        with connection.begin():
+            yield connection
+
+
+@contextmanager
+def rolled_back(engine: Engine) -> Iterator[Connection]:
+    """A write transaction that is always rolled back: a dry run of real statements."""
+    with engine.connect() as connection:
+        connection.execution_options(**{WRITE_OPTION: True})
+        if connection.dialect.name == "postgresql":
+            connection.execution_options(isolation_level="REPEATABLE READ")
+        transaction = connection.begin()
+        try:
+            yield connection
+        finally:
+            transaction.rollback()
+
+
+def is_serialization_failure(error: BaseException) -> bool:
+    """True for PostgreSQL's "try the transaction again" errors."""
+    orig = getattr(error, "orig", None)
+    return isinstance(error, DBAPIError) and getattr(orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
+def retrying_serialization(work: Callable[[], T], attempts: int = SNAPSHOT_ATTEMPTS) -> T:
+    """Run a snapshot transaction again when PostgreSQL reports a concurrent update."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except DBAPIError as error:
+            if attempt == attempts or not is_serialization_failure(error):
+                raise
+            time.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+def row_problem(
+    connection: Connection,
+    user_id: ColumnElement[Any],
+    anonymous_id: ColumnElement[Any],
+    email: ColumnElement[Any],
+) -> ColumnElement[Any]:
+    """SQL for :func:`syncer.core.payload.user_input_problem`: the reason, or NULL if sendable.
+
+    SQLite calls the Python function itself (registered on every connection); PostgreSQL,
+    whose text is always valid UTF-8 and never holds NUL, checks the same rules with a regular
+    expression. The tests hold both to the Python function on a table of awkward values.
+    """
+    if connection.dialect.name == "sqlite":
+        return func.syncer_row_problem(
+            cast(user_id, LargeBinary), cast(anonymous_id, LargeBinary), cast(email, LargeBinary)
+        )
+    control = literal_column("'[\\x01-\\x1f\\x7f-\\x9f]'", Text)
+
+    return case(
+        (func.btrim(user_id, " ") == "", "user_id is empty"),
+        (
+            func.length(user_id) > MAX_USER_ID_LENGTH,
+            f"user_id is longer than {MAX_USER_ID_LENGTH} characters",
+        ),
+        (
+            user_id.op("~")(control),
+            "user_id contains control characters or is not valid UTF-8",
+        ),
+        (
+            (func.length(anonymous_id) > MAX_USER_ID_LENGTH) | anonymous_id.op("~")(control),
+            "anonymous_id is over-long, contains control characters or is not valid UTF-8",
+        ),
+        (
+            (func.length(email) > MAX_EMAIL_LENGTH) | email.op("~")(control),
+            "email is over-long, contains control characters or is not valid UTF-8",
+        ),
+        else_=None,
+    )

@@ -1,0 +1,76 @@
+"""What every part of a run shares: settings, the store, who we are, and database calls that
+never block the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol, TypeVar
+
+from syncer.core.guard import GuardLimits
+from syncer.settings import Settings
+from syncer.store import Store
+
+T = TypeVar("T")
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True when a holder ("host:pid:nonce") ran on this machine and its process is gone."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Progress(Protocol):
+    """Told how far a run has got, e.g. to draw a progress bar on a terminal."""
+
+    def planned(self, url: str, changes: int) -> None:
+        """``changes`` more changes are queued for ``url``."""
+
+    def advanced(self, url: str, changes: int) -> None:
+        """``changes`` more changes for ``url`` were answered, for better or worse."""
+
+
+class NoProgress:
+    """Progress that shows nothing."""
+
+    def planned(self, url: str, changes: int) -> None:
+        pass
+
+    def advanced(self, url: str, changes: int) -> None:
+        pass
+
+
+@dataclass
+class RunContext:
+    """The settings, the store and the identity one process runs under."""
+
+    settings: Settings
+    store: Store
+    holder: str
+    executor: ThreadPoolExecutor
+
+    async def db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run a store call on a worker thread, so that one URL's SQL never stalls another's
+        HTTP."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(function, *args, **kwargs))
+
+    @property
+    def guard_limits(self) -> GuardLimits:
+        """``[guard]`` as the pure guard takes it."""
+        guard = self.settings.guard
+        return GuardLimits(guard.max_exit_share, guard.min_audience_size)

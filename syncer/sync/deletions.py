@@ -1,0 +1,62 @@
+"""Delivering the privacy deletes owed to one URL, claimed like changes."""
+
+from __future__ import annotations
+
+from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.payload import delete_body
+from syncer.delivery.claims import Outgoing, deliver_claimed
+from syncer.delivery.sender import UrlSender
+from syncer.store.claims import Claim
+from syncer.store.deletions import OwedDeletion
+from syncer.store.sql import utcnow
+from syncer.sync.claiming import ClaimKeeper
+from syncer.sync.context import RunContext
+from syncer.sync.reports import DeletionReport
+
+
+async def deliver_deletions(
+    context: RunContext, sender: UrlSender, destination_id: int
+) -> DeletionReport:
+    """Send every delete owed to the URL that can go now; report what was delivered and owed."""
+    store, delivery = context.store, context.settings.delivery
+    report = DeletionReport(url=sender.url)
+    claim = Claim.new(context.holder, delivery.lease_seconds)
+    keeper = ClaimKeeper(
+        claim,
+        lambda: context.db(store.claims.renew, claim),
+        request_timeout_seconds=delivery.timeout_seconds,
+    )
+    cursor = 0
+
+    async def exchange(
+        results: list[tuple[OwedDeletion, Outcome]], want: int
+    ) -> list[Outgoing[OwedDeletion]]:
+        nonlocal cursor
+        if want:
+            keeper.starting()
+        claimed, lost = await context.db(
+            store.deletions.exchange,
+            claim,
+            destination_id,
+            results=[(deletion.deletion_id, outcome) for deletion, outcome in results],
+            want=want,
+            after_id=cursor,
+            now=utcnow(),
+        )
+        if lost:
+            keeper.mark_lost()
+            report.note = "stopped: our claim on some deletes was taken over"
+        report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
+        if claimed:
+            cursor = claimed[-1].deletion_id
+        return [
+            Outgoing(d, delete_body(d.user_id, d.deletion_id, d.requested_at, store.namespace))
+            for d in claimed
+        ]
+
+    sender.reopen_gate(keeper.gate)
+    if not sender.unavailable:
+        async with keeper.renewing():
+            await deliver_claimed(sender, exchange, concurrency=delivery.concurrency)
+    report.pending = await context.db(store.deletions.owed_count, destination_id)
+    return report

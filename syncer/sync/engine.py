@@ -1,0 +1,410 @@
+"""One sync run: per configured URL, deliver owed deletes, then plan and deliver each audience.
+
+Each workflow URL is served by its own task with its own HTTP client, so a URL that is slow or
+down never holds up the others. Nothing here assumes anything from before the transaction that
+acts on it: plans are single transactions, sends are decided by claims taken just before them,
+and every outcome is written under the claim it was sent under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import TypeVar
+
+import certifi
+import structlog
+
+from syncer.core.states import PairState, RunStatus
+from syncer.core.traits import KeyProblem
+from syncer.core.urls import canonical_url
+from syncer.delivery.sender import RetryPolicy, UrlSender
+from syncer.delivery.transport import HttpxTransport, Transport
+from syncer.errors import ConfigError
+from syncer.settings import Settings
+from syncer.store import Store
+from syncer.store.audiences import AudienceRow
+from syncer.store.planning import PlanOutcome
+from syncer.store.sql import utcnow
+from syncer.sync.context import NoProgress, Progress, RunContext, holder_is_dead
+from syncer.sync.deletions import deliver_deletions
+from syncer.sync.pairs import sync_pair
+from syncer.sync.reports import DeletionReport, PairReport, SyncReport
+
+log = structlog.get_logger("syncer.sync")
+
+T = TypeVar("T")
+
+# (url, key, user_id, value) of one change a dry run would send.
+DryRunEmitter = Callable[[str, str, str, str], None]
+
+
+async def gather_or_cancel(coroutines: Sequence[Coroutine[object, object, T]]) -> list[T]:
+    """Run the coroutines concurrently and return their results in order.
+
+    If one raises, the others are cancelled (so that nothing goes on using clients about to be
+    closed) and its exception is raised as it is, not wrapped in an ExceptionGroup.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """What one run is asked to do."""
+
+    audience: str | None = None
+    full: bool = False
+    dry_run: bool = False
+    trigger: str = "manual"
+
+
+def select_audiences(
+    rows: list[AudienceRow], keys: dict[str, str], wanted: str | None
+) -> list[AudienceRow]:
+    """The audiences a run covers: all enabled ones, or the one named by id or key."""
+    if wanted is None:
+        return [row for row in rows if row.enabled]
+    for row in rows:
+        if row.is_named(wanted, keys):
+            return [row]
+    raise ConfigError(f"--audience: no audience has the id or key {wanted!r}")
+
+
+def _emit_for(emit: DryRunEmitter, url: str, key: str, user_id: str, value: str) -> None:
+    emit(url, key, user_id, value)
+
+
+class SyncEngine:
+    """Runs syncs and privacy deletes against one database and one set of workflow URLs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        transport_factory: Callable[[], Transport] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._transport_factory = transport_factory or self._default_transport
+        self._tls: ssl.SSLContext | None = None
+        workers = 1 if store.engine.dialect.name == "sqlite" else 4
+        self.context = RunContext(
+            settings=settings,
+            store=store,
+            holder=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            executor=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syncer-db"),
+        )
+        self._senders: list[UrlSender] = []
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[object] | None = None
+
+    def _default_transport(self) -> Transport:
+        # Building a TLS context costs tens of milliseconds: one serves every URL and run.
+        if self._tls is None:
+            self._tls = ssl.create_default_context(cafile=certifi.where())
+        return HttpxTransport(
+            timeout_seconds=self.settings.delivery.timeout_seconds,
+            max_connections=self.settings.delivery.concurrency,
+            tls=self._tls,
+        )
+
+    def close(self) -> None:
+        """Stop the database worker threads."""
+        self.context.executor.shutdown(wait=True)
+
+    def request_stop(self, grace_seconds: float | None = None) -> None:
+        """Ask a run in progress (from any thread) to send nothing new and settle what is in flight.
+
+        Requests already sent are awaited and recorded; changes not yet claimed stay queued.
+        With ``grace_seconds``, a run still busy after that long is cancelled: what was answered
+        is recorded, and what was cut off is sent again, with the same messageId, later.
+        """
+        self._stopping.set()
+        for sender in list(self._senders):
+            sender.stop()
+        loop, task = self._loop, self._task
+        if grace_seconds is not None and loop is not None and task is not None:
+            timer = threading.Timer(grace_seconds, lambda: loop.call_soon_threadsafe(task.cancel))
+            timer.daemon = True
+            timer.start()
+
+    def _sender(self, url: str, transport: Transport) -> UrlSender:
+        delivery = self.settings.delivery
+        sender = UrlSender(
+            url,
+            transport,
+            RetryPolicy(
+                max_attempts=delivery.max_attempts,
+                backoff_base_seconds=delivery.backoff_base_seconds,
+                backoff_max_seconds=delivery.backoff_max_seconds,
+                retry_after_max_seconds=delivery.retry_after_max_seconds,
+            ),
+            self.settings.tray.secret,
+        )
+        if self._stopping.is_set():
+            sender.stop()
+        self._senders.append(sender)
+        return sender
+
+    def _resolve(self, options: SyncOptions) -> tuple[list[tuple[AudienceRow, str]], SyncReport]:
+        rows, resolution = self.store.audiences.with_keys()
+        chosen = select_audiences(rows, resolution.keys, options.audience)
+        chosen_ids = {row.audience_id for row in chosen}
+        report = SyncReport(run_id=None)
+        report.problems = [p for p in resolution.problems if p.audience_id in chosen_ids]
+        if options.audience is not None and chosen and not chosen[0].enabled:
+            report.problems.append(KeyProblem(chosen[0].audience_id, "audience is disabled"))
+        syncable = [
+            (row, resolution.keys[row.audience_id])
+            for row in chosen
+            if row.enabled and row.audience_id in resolution.keys
+        ]
+        if options.audience is None:
+            # Only a run over every audience looks for memberships of missing audiences.
+            for audience_id, count in self.store.audiences.orphan_memberships():
+                report.problems.append(
+                    KeyProblem(audience_id, f"{count} membership row(s) name no existing audience")
+                )
+        for problem in report.problems:
+            log.warning("audience_skipped", audience_id=problem.audience_id, reason=problem.reason)
+        return syncable, report
+
+    def run(
+        self,
+        options: SyncOptions,
+        progress: Progress | None = None,
+        emit: DryRunEmitter | None = None,
+    ) -> SyncReport:
+        """Run one sync to completion (or until stopped) and return what it did."""
+        if options.dry_run:
+            return self.dry_run(options, emit or (lambda *_: None))
+        return asyncio.run(self._tracked(self.run_async(options, progress)))
+
+    async def _tracked(self, work: Coroutine[object, object, T]) -> T:
+        # Remember the loop and task, so that request_stop can cancel from another thread.
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            return await work
+        finally:
+            self._loop = self._task = None
+
+    def dry_run(self, options: SyncOptions, emit: DryRunEmitter) -> SyncReport:
+        """Plan every pair exactly as a run would, hand each change it would send to ``emit``,
+        and write nothing: every plan is rolled back."""
+        started = time.monotonic()
+        syncable, report = self._resolve(options)
+        delivery = self.settings.delivery
+        for url in self.settings.tray.workflow_urls:
+            for row, key in syncable:
+                pair = PairReport(url=url, audience_id=row.audience_id, key=key)
+                result = self.store.planning.dry_run(
+                    url,
+                    canonical_url(url),
+                    row.audience_id,
+                    full=options.full,
+                    now=utcnow(),
+                    limits=self.context.guard_limits,
+                    batch_size=delivery.batch_size,
+                    emit=partial(_emit_for, emit, url, key),
+                )
+                if result.outcome is PlanOutcome.HELD:
+                    pair.state, pair.note = PairState.HELD, f"held: {result.hold_reason}"
+                pair.invalid, pair.invalid_example = result.invalid, result.invalid_example
+                pair.entered, pair.exited = result.queued_entries, result.queued_exits
+                report.pairs.append(pair)
+        report.duration_seconds = time.monotonic() - started
+        return report
+
+    async def run_async(self, options: SyncOptions, progress: Progress | None = None) -> SyncReport:
+        """The body of :meth:`run`, for callers that already have an event loop."""
+        context, store = self.context, self.store
+        started = time.monotonic()
+        syncable, report = await context.db(self._resolve, options)
+        urls = self.settings.tray.workflow_urls
+        destination_ids = await context.db(store.destinations.ensure, urls, utcnow())
+        locked: list[tuple[AudienceRow, str]] = []
+        for row, key in syncable:
+            if await context.db(store.audiences.lock_key, row.audience_id, key, utcnow()):
+                locked.append((row, key))
+            else:
+                report.problems.append(KeyProblem(row.audience_id, f"key {key!r} was just taken"))
+        await context.db(store.refresh_statistics)
+        await context.db(store.runs.mark_crashed, holder_is_dead)
+        released = await context.db(store.claims.release_dead, holder_is_dead)
+        if released:
+            log.warning("claims_of_dead_processes_released", rows=released)
+        report.removed_urls = await context.db(
+            store.destinations.removed_with_debts, list(destination_ids.values())
+        )
+        for removed in report.removed_urls:
+            log.warning(
+                "removed_url_owed_deletes",
+                url=removed.url,
+                owed_deletes=removed.owed_deletes,
+                hint="configure the URL again, or `syncer forget-url URL --yes`",
+            )
+        run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
+        report.run_id = run_id
+        transports = {url: self._transport_factory() for url in urls}
+        status, error = RunStatus.FAILED, None
+        try:
+            results = await gather_or_cancel(
+                [
+                    self._sync_url(
+                        self._sender(url, transports[url]),
+                        destination_ids[url],
+                        run_id,
+                        locked,
+                        options,
+                        progress or NoProgress(),
+                    )
+                    for url in urls
+                ]
+            )
+            for deletion_report, pair_reports in results:
+                report.deletions.append(deletion_report)
+                report.pairs.extend(pair_reports)
+            if self._stopping.is_set():
+                status = RunStatus.STOPPED
+            else:
+                status = RunStatus.OK if report.fully_delivered else RunStatus.PARTIAL
+        except BaseException as failure:
+            error = f"{type(failure).__name__}: {failure}"[:500]
+            cancelled = isinstance(failure, asyncio.CancelledError)
+            status = RunStatus.CANCELLED if cancelled else RunStatus.FAILED
+            raise
+        finally:
+            self._senders.clear()
+            for transport in transports.values():
+                await transport.aclose()
+            report.duration_seconds = time.monotonic() - started
+            await asyncio.shield(
+                context.db(store.runs.finish, run_id, status, report.counts, utcnow(), error)
+            )
+        self._log_summary(report, options, status)
+        return report
+
+    @staticmethod
+    def _log_summary(report: SyncReport, options: SyncOptions, status: RunStatus) -> None:
+        log.info(
+            "sync_finished",
+            run_id=report.run_id,
+            trigger=options.trigger,
+            status=status.value,
+            **asdict(report.counts),
+            held=len(report.held),
+            deletes_pending=sum(d.pending for d in report.deletions),
+            skipped_audiences=len(report.problems),
+            duration_seconds=round(report.duration_seconds, 3),
+        )
+
+    async def _sync_url(
+        self,
+        sender: UrlSender,
+        destination_id: int,
+        run_id: int,
+        audiences: list[tuple[AudienceRow, str]],
+        options: SyncOptions,
+        progress: Progress,
+    ) -> tuple[DeletionReport, list[PairReport]]:
+        context, store = self.context, self.store
+        deletion_report = await deliver_deletions(context, sender, destination_id)
+        reports = []
+        for row, key in audiences:
+            report = await sync_pair(
+                context,
+                sender,
+                destination_id,
+                row.audience_id,
+                key,
+                full=options.full,
+                progress=progress,
+            )
+            reports.append(report)
+            await context.db(
+                store.runs.record_pair,
+                destination_id,
+                row.audience_id,
+                run_id,
+                complete=report.pending == 0 and report.rejected == 0,
+                now=utcnow(),
+            )
+        if sender.refused is not None:
+            log.error("url_refused", url=sender.url, status=sender.refused.status)
+            await context.db(
+                store.destinations.record_refusal,
+                destination_id,
+                sender.refused.status,
+                sender.refused.detail,
+                utcnow(),
+            )
+        return deletion_report, reports
+
+    def delete_users(self, user_ids: Sequence[str]) -> SyncReport:
+        """Record privacy deletions, then deliver the deletes to every URL now.
+
+        A URL that does not accept its delete now gets it on a later run: the debt is in the
+        database, so a deletion is never lost.
+        """
+        return asyncio.run(self._tracked(self._delete_users(user_ids)))
+
+    async def _delete_users(self, user_ids: Sequence[str]) -> SyncReport:
+        context, store = self.context, self.store
+        started = time.monotonic()
+        urls = self.settings.tray.workflow_urls
+        destination_ids = await context.db(store.destinations.ensure, urls, utcnow())
+        await context.db(
+            store.deletions.suppress, list(user_ids), list(destination_ids.values()), utcnow()
+        )
+        log.info("users_deleted", count=len(user_ids))
+        transports = {url: self._transport_factory() for url in urls}
+        try:
+            deletion_reports = await gather_or_cancel(
+                [
+                    self._deliver_deletions_patiently(
+                        self._sender(url, transports[url]), destination_ids[url]
+                    )
+                    for url in urls
+                ]
+            )
+        finally:
+            self._senders.clear()
+            for transport in transports.values():
+                await transport.aclose()
+        return SyncReport(
+            run_id=None,
+            deletions=list(deletion_reports),
+            duration_seconds=time.monotonic() - started,
+        )
+
+    async def _deliver_deletions_patiently(
+        self, sender: UrlSender, destination_id: int
+    ) -> DeletionReport:
+        # A delete waits while a change about the same user is in flight to the URL (so it
+        # always arrives last); give such changes up to a claim's lifetime to be answered.
+        context = self.context
+        deadline = time.monotonic() + self.settings.delivery.lease_seconds
+        while True:
+            report = await deliver_deletions(context, sender, destination_id)
+            if not report.pending or sender.unavailable or time.monotonic() >= deadline:
+                return report
+            waiting = await context.db(self.store.deletions.waiting_count, destination_id)
+            if not waiting:
+                return report
+            await asyncio.sleep(0.1)

@@ -1,0 +1,170 @@
+"""One (URL, audience) in one run: plan it, then send what is claimable, fenced by the claim."""
+
+from __future__ import annotations
+
+import structlog
+
+from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.payload import Computation, TraitChange, identify_body
+from syncer.core.states import ChangeStatus, PairState
+from syncer.delivery.claims import Outgoing, deliver_claimed
+from syncer.delivery.sender import UrlSender
+from syncer.store.claims import Claim
+from syncer.store.outbox import QueuedChange
+from syncer.store.planning import PlanOutcome
+from syncer.store.sql import utcnow
+from syncer.sync.claiming import ClaimKeeper
+from syncer.sync.context import Progress, RunContext
+from syncer.sync.reports import PairReport
+
+log = structlog.get_logger("syncer.sync")
+
+# A pair whose changes went stale between plan and send (upstream changed meanwhile) is planned
+# once more in the same run; anything still left then waits for the next run.
+PLAN_ROUNDS = 2
+
+
+async def sync_pair(
+    context: RunContext,
+    sender: UrlSender,
+    destination_id: int,
+    audience_id: str,
+    key: str,
+    *,
+    full: bool,
+    progress: Progress,
+) -> PairReport:
+    """Plan one (URL, audience) and deliver its outbox; report what happened."""
+    store = context.store
+    report = PairReport(url=sender.url, audience_id=audience_id, key=key)
+    for round_number in range(PLAN_ROUNDS):
+        plan = await context.db(
+            store.planning.plan,
+            destination_id,
+            audience_id,
+            full=full and round_number == 0,
+            now=utcnow(),
+            limits=context.guard_limits,
+        )
+        if plan.outcome is PlanOutcome.HELD:
+            report.state = PairState.HELD
+            report.note = (
+                f"held: {plan.hold_reason}; check upstream, then `syncer approve {key}` "
+                "to send the exits"
+            )
+            log.warning(
+                "pair_held", url=sender.url, audience_id=audience_id, reason=plan.hold_reason
+            )
+            break
+        report.entered += plan.new_entered
+        report.exited += plan.new_exited
+        report.invalid, report.invalid_example = plan.invalid, plan.invalid_example
+        if round_number == 0:
+            progress.planned(sender.url, plan.queued_entries + plan.queued_exits)
+        else:
+            progress.planned(sender.url, plan.new_entered + plan.new_exited)
+        await _deliver(context, sender, destination_id, audience_id, key, report, progress)
+        statuses = await context.db(store.outbox.status_counts, destination_id, audience_id)
+        report.pending = statuses.get(ChangeStatus.PENDING, 0)
+        report.rejected = statuses.get(ChangeStatus.REJECTED, 0)
+        report.parked = statuses.get(ChangeStatus.PARKED, 0)
+        if not report.pending or sender.unavailable or report.state is not PairState.DONE:
+            break
+    if report.invalid:
+        log.warning(
+            "invalid_rows_skipped",
+            url=sender.url,
+            audience_id=audience_id,
+            count=report.invalid,
+            example=report.invalid_example,
+        )
+    _settle_state(report, sender)
+    return report
+
+
+def _settle_state(report: PairReport, sender: UrlSender) -> None:
+    if report.state is not PairState.DONE:
+        return
+    if sender.refused is not None:
+        report.state, report.note = PairState.URL_REFUSED, sender.refused.detail
+    elif sender.down:
+        report.state = PairState.URL_DOWN
+        report.note = "URL unavailable this run; changes kept for the next run"
+    elif sender.gate_closed:
+        report.state = PairState.CLAIM_LOST
+        report.note = "stopped sending: the database could not renew our claim"
+    elif sender.stopped and report.pending:
+        report.state, report.note = PairState.STOPPED, "stopped; changes kept for the next run"
+    elif report.pending or report.rejected:
+        report.state = PairState.PENDING
+
+
+async def _deliver(
+    context: RunContext,
+    sender: UrlSender,
+    destination_id: int,
+    audience_id: str,
+    key: str,
+    report: PairReport,
+    progress: Progress,
+) -> None:
+    store, delivery = context.store, context.settings.delivery
+    computation = Computation("audience", audience_id, key, context.settings.engage.space_id)
+    claim = Claim.new(context.holder, delivery.lease_seconds)
+    keeper = ClaimKeeper(
+        claim,
+        lambda: context.db(store.claims.renew, claim),
+        request_timeout_seconds=delivery.timeout_seconds,
+    )
+    cursor = 0
+
+    async def exchange(
+        results: list[tuple[QueuedChange, Outcome]], want: int
+    ) -> list[Outgoing[QueuedChange]]:
+        nonlocal cursor
+        if want:
+            keeper.starting()
+        exchanged = await context.db(
+            store.outbox.exchange,
+            claim,
+            destination_id,
+            audience_id,
+            results=[(change.change_id, outcome) for change, outcome in results],
+            want=want,
+            after_id=cursor,
+            now=utcnow(),
+            max_rejections=delivery.max_rejections,
+        )
+        if exchanged.lost:
+            keeper.mark_lost()
+            report.state = PairState.CLAIM_LOST
+            report.note = "stopped: another worker took over our claim; it sends the rest"
+            log.error("claim_lost", url=sender.url, audience_id=audience_id, refused=exchanged.lost)
+        if exchanged.held:
+            report.state = PairState.HELD
+            report.note = "held by the mass-exit guard while sending"
+        report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
+        progress.advanced(sender.url, len(results))
+        if exchanged.claimed:
+            cursor = exchanged.claimed[-1].change_id
+        return [
+            Outgoing(change, identify_body(computation, _trait_change(change), store.namespace))
+            for change in exchanged.claimed
+        ]
+
+    sender.reopen_gate(keeper.gate)
+    if sender.unavailable:
+        return
+    async with keeper.renewing():
+        await deliver_claimed(sender, exchange, concurrency=delivery.concurrency)
+
+
+def _trait_change(change: QueuedChange) -> TraitChange:
+    return TraitChange(
+        change.change_id,
+        change.user_id,
+        change.anonymous_id,
+        change.email,
+        change.value,
+        change.created_at,
+    )
