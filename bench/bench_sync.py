@@ -22,10 +22,12 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, text
 
+from syncer.core.guard import GuardLimits
 from syncer.settings import settings_from_mapping
+from syncer.store import Store
 from syncer.store.database import create_database_engine, migrate
-from syncer.store.repository import Repository
 from syncer.store.schema import audience_memberships, audiences
+from syncer.store.sql import utcnow
 from syncer.sync import SyncEngine, SyncOptions
 
 
@@ -50,8 +52,8 @@ def start_receiver(port: int) -> subprocess.Popen[bytes]:
     raise SystemExit("receiver did not start")
 
 
-def load_members(repository: Repository, audience_id: str, count: int) -> None:
-    with repository.engine.begin() as connection:
+def load_members(store: Store, audience_id: str, count: int) -> None:
+    with store.engine.begin() as connection:
         connection.execute(insert(audiences).values(id=audience_id, name=f"Bench {audience_id}"))
         batch = []
         for n in range(count):
@@ -70,12 +72,12 @@ def load_members(repository: Repository, audience_id: str, count: int) -> None:
             connection.execute(insert(audience_memberships), batch)
 
 
-def churn(repository: Repository, audience_id: str, count: int, share: float) -> int:
+def churn(store: Store, audience_id: str, count: int, share: float) -> int:
     """Remove ``share`` of the members and add as many new ones; return the change count."""
     changed = int(count * share / 2)
     rng = random.Random(7)
     leaving = [f"user_{n:09d}" for n in rng.sample(range(count), changed)]
-    with repository.engine.begin() as connection:
+    with store.engine.begin() as connection:
         connection.execute(
             delete(audience_memberships).where(
                 audience_memberships.c.audience_id == audience_id,
@@ -116,7 +118,7 @@ def main() -> None:
         with database.begin() as connection:
             connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     migrate(database)
-    repository = Repository(database)
+    store = Store.open(database)
     port = free_port()
     receiver = start_receiver(port)
     settings = settings_from_mapping(
@@ -132,12 +134,12 @@ def main() -> None:
         "bench",
         workdir,
     )
-    engine = SyncEngine(settings, repository)
+    engine = SyncEngine(settings, store)
     small = max(arguments.members // 10, 1)
     try:
         print(f"database: {database.dialect.name}; URLs: {arguments.urls}; "
               f"concurrency: {arguments.concurrency}")  # fmt: skip
-        load_members(repository, "small", small)
+        load_members(store, "small", small)
         seconds, delivered = timed_sync(engine, "small")
         rss_small = peak_rss_mib()
         rate = delivered / seconds
@@ -145,14 +147,16 @@ def main() -> None:
               f"{rate:8,.0f} deliveries/s, peak RSS {rss_small:6.1f} MiB")  # fmt: skip
 
         started = time.perf_counter()
-        load_members(repository, "large", arguments.members)
+        load_members(store, "large", arguments.members)
         print(f"loaded {arguments.members:,} members in {time.perf_counter() - started:.1f} s")
         destination_id = next(
-            iter(repository.find_destinations(settings.tray.workflow_urls).values())
+            iter(store.destinations.find(settings.tray.workflow_urls).values())
         )
         started = time.perf_counter()
-        repository.refresh_statistics()  # as every run does first
-        repository.plan(destination_id, "large", full=False)
+        store.refresh_statistics()  # as every run does first
+        store.planning.plan(
+            destination_id, "large", full=False, now=utcnow(), limits=GuardLimits(1.0, 10**9)
+        )
         plan_seconds = time.perf_counter() - started
         seconds, delivered = timed_sync(engine, "large")
         rss_large = peak_rss_mib()
@@ -160,7 +164,7 @@ def main() -> None:
               f"(SQL plan {plan_seconds:.2f} s), {delivered / seconds:8,.0f} deliveries/s, "
               f"peak RSS {rss_large:6.1f} MiB")  # fmt: skip
 
-        changes = churn(repository, "large", arguments.members, 0.01)
+        changes = churn(store, "large", arguments.members, 0.01)
         seconds, delivered = timed_sync(engine, "large")
         print(f"1% change ({changes:,} changes): {seconds:7.2f} s, {delivered:,} delivered")
         seconds, delivered = timed_sync(engine, "large")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import create_engine, delete, insert, select, text, update
 from sqlalchemy.engine import make_url
 
@@ -20,6 +21,14 @@ from syncer.store.database import create_database_engine, migrate
 from syncer.store.schema import audience_memberships, audiences, state
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 from syncer.testing.tray_standin import TrayStandin
+
+# Property tests run many more examples in CI than in a quick local run: `@settings` in a test
+# sets only what is specific to it (deadline, health checks); the example count comes from here.
+settings.register_profile("dev", max_examples=25)
+settings.register_profile("ci", max_examples=150)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 POSTGRES_URL_ENV = "SYNCER_TEST_DATABASE_URL"
 SECRET = "test-secret"
