@@ -195,12 +195,13 @@ def _plan_in(pair: _Pair, *, full: bool, now: datetime, limits: GuardLimits) -> 
     held = row.held_at is not None
     approved = held and row.approved_at is not None
 
-    # A change refused last run is tried again this run.
-    connection.execute(
-        update(outbox)
-        .where(pair.outbox(), outbox.c.status == ChangeStatus.REJECTED.value)
-        .values(status=ChangeStatus.PENDING.value)
-    )
+    if retry_rejected:
+        # A change refused by an earlier run is tried again (once per run).
+        connection.execute(
+            update(outbox)
+            .where(pair.outbox(), outbox.c.status == ChangeStatus.REJECTED.value)
+            .values(status=ChangeStatus.PENDING.value)
+        )
 
     o = outbox.c
     kept = and_(
@@ -349,15 +350,22 @@ class PlanStore:
         full: bool,
         now: datetime,
         limits: GuardLimits,
+        retry_rejected: bool = True,
     ) -> PlanResult:
-        """Make the pair's outbox hold exactly what its URL must be told, or hold the pair."""
+        """Make the pair's outbox hold exactly what its URL must be told, or hold the pair.
+
+        ``retry_rejected``: put changes rejected earlier back in line (the first plan of a run
+        does; a second plan in the same run does not, so a rejection counts once per run).
+        """
 
         def attempt() -> PlanResult:
             with writing(self.engine, snapshot=True) as connection:
                 pair = _Pair(connection, destination_id, audience_id)
                 try:
                     with connection.begin_nested():
-                        return _plan_in(pair, full=full, now=now, limits=limits)
+                        return _plan_in(
+                            pair, full=full, now=now, limits=limits, retry_rejected=retry_rejected
+                        )
                 except _Held as held:
                     reason = held.reason
                 connection.execute(

@@ -342,7 +342,7 @@ class SyncEngine:
                 destination_id,
                 row.audience_id,
                 run_id,
-                complete=report.pending == 0 and report.rejected == 0,
+                complete=report.state is PairState.DONE,
                 now=utcnow(),
             )
         if sender.refused is not None:

@@ -45,6 +45,7 @@ async def sync_pair(
             full=full and round_number == 0,
             now=utcnow(),
             limits=context.guard_limits,
+            retry_rejected=round_number == 0,
         )
         if plan.outcome is PlanOutcome.HELD:
             report.state = PairState.HELD

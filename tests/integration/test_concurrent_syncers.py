@@ -139,6 +139,14 @@ def test_two_daemons_on_one_database_send_each_genuine_change_once(
                 upstream.remove(audience, *going)
                 left[audience].update(going)
                 members[audience].extend(new)
+        # Both daemons keep syncing on schedule while upstream changes: wait (for an event, not
+        # a clock) until each has finished at least two runs.
+        for log in logs:
+            wait_until(
+                lambda log=log: log.read_text(errors="replace").count('"sync_finished"') >= 2,
+                90,
+                "two runs of each daemon",
+            )
         assert all(daemon.poll() is None for daemon in daemons)
         for daemon in daemons:
             daemon.send_signal(signal.SIGTERM)
