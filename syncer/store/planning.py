@@ -187,7 +187,9 @@ def _lock_pair(pair: _Pair) -> Any:
     ).one()
 
 
-def _plan_in(pair: _Pair, *, full: bool, now: datetime, limits: GuardLimits) -> PlanResult:
+def _plan_in(
+    pair: _Pair, *, full: bool, now: datetime, limits: GuardLimits, retry_rejected: bool = True
+) -> PlanResult:
     connection = pair.connection
     row = _lock_pair(pair)
     if row.last_planned_at is not None and now <= row.last_planned_at:
