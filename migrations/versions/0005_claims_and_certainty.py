@@ -293,7 +293,9 @@ def _last_ids(connection: sa.Connection) -> dict[str, int]:
             sequence = connection.execute(
                 sa.text(f"SELECT pg_get_serial_sequence('{table}', 'id')")
             ).scalar_one()
-            value = connection.execute(sa.text(f"SELECT last_value FROM {sequence}")).scalar_one()
+            value = connection.execute(
+                sa.text(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence}")
+            ).scalar_one()
             last[table] = max(last[table], int(value))
     return last
 

@@ -19,7 +19,6 @@ from sqlalchemy import (
     delete,
     exists,
     func,
-    not_,
     or_,
     select,
     update,
@@ -121,21 +120,31 @@ class OutboxStore:
         after_id: int,
     ) -> list[QueuedChange]:
         o = outbox.c
-        member = exists().where(_m.c.audience_id == audience_id, _m.c.user_id == o.user_id)
+        # Outer joins on primary keys, not EXISTS under OR: PostgreSQL would hash the whole
+        # audience (and every deleted user) for each claim of a few rows.
+        member, deleted = _m, deleted_users
         chosen = (
             select(o.id)
+            .select_from(
+                outbox.outerjoin(
+                    member, and_(member.c.audience_id == audience_id, member.c.user_id == o.user_id)
+                ).outerjoin(deleted, deleted.c.user_id == o.user_id)
+            )
             .where(
                 o.destination_id == destination_id,
                 o.audience_id == audience_id,
                 o.status == ChangeStatus.PENDING.value,
                 o.id > after_id,
                 unclaimed(outbox),
-                not_(_suppressed(o.user_id)),
-                or_(and_(o.value == TRUE, member), and_(o.value == FALSE, not_(member))),
+                deleted.c.user_id.is_(None),
+                or_(
+                    and_(o.value == TRUE, member.c.user_id.is_not(None)),
+                    and_(o.value == FALSE, member.c.user_id.is_(None)),
+                ),
             )
             .order_by(o.id)
             .limit(want)
-            .with_for_update(skip_locked=True)
+            .with_for_update(of=outbox, skip_locked=True)
         )
         rows = connection.execute(
             update(outbox)
