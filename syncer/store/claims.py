@@ -54,17 +54,26 @@ def claim_values(claim: Claim) -> dict[str, Any]:
 RELEASED: dict[str, Any] = {"claim_token": None, "claimed_by": None, "claimed_until": None}
 
 
-def owned(connection: Connection, table: Table, ids: Sequence[int], claim: Claim) -> set[int]:
-    """Of ``ids``, those ``claim`` still owns, locked until the transaction ends so that no
-    takeover can slip in between this check and the write that relies on it."""
+@dataclass(frozen=True)
+class Ownership:
+    """Of the rows a worker reports on: those its claim still owns (locked until the
+    transaction ends, so no takeover slips in before the write that relies on it), and how many
+    another claim has taken over. Rows that no longer exist were superseded (a plan replaced
+    them, or their user was deleted): neither ours nor lost."""
+
+    mine: set[int]
+    taken_over: int
+
+
+def owned(connection: Connection, table: Table, ids: Sequence[int], claim: Claim) -> Ownership:
+    """Which of ``ids`` ``claim`` still owns, and how many were taken over by another claim."""
     if not ids:
-        return set()
+        return Ownership(set(), 0)
     rows = connection.execute(
-        select(table.c.id)
-        .where(table.c.id.in_(list(ids)), table.c.claim_token == claim.token)
-        .with_for_update()
-    )
-    return {row[0] for row in rows}
+        select(table.c.id, table.c.claim_token).where(table.c.id.in_(list(ids))).with_for_update()
+    ).all()
+    mine = {row.id for row in rows if row.claim_token == claim.token}
+    return Ownership(mine, len(rows) - len(mine))
 
 
 class ClaimStore:

@@ -148,7 +148,8 @@ class DeletionStore:
     ) -> int:
         if not results:
             return 0
-        mine = owned(connection, deletions, [i for i, _ in results], claim)
+        ownership = owned(connection, deletions, [i for i, _ in results], claim)
+        mine = ownership.mine
         recorded = [(i, o) for i, o in results if i in mine and o.kind is not OutcomeKind.NOT_SENT]
         if recorded:
             connection.execute(
@@ -178,7 +179,7 @@ class DeletionStore:
             connection.execute(
                 update(deletions).where(deletions.c.id.in_(unsent)).values(**RELEASED)
             )
-        return len(results) - len(mine)
+        return ownership.taken_over
 
     def owed_count(self, destination_id: int) -> int:
         """How many deletes one URL still has to accept."""

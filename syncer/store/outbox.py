@@ -58,7 +58,7 @@ class QueuedChange:
 @dataclass(frozen=True)
 class Exchanged:
     """What one exchange did: the changes now claimed (by id), how many recorded outcomes were
-    refused because the claim had been lost, and whether the pair is held."""
+    refused because another claim had taken their rows over, and whether the pair is held."""
 
     claimed: list[QueuedChange]
     lost: int = 0
@@ -166,7 +166,8 @@ class OutboxStore:
     ) -> int:
         if not results:
             return 0
-        mine = owned(connection, outbox, [change_id for change_id, _ in results], claim)
+        ownership = owned(connection, outbox, [change_id for change_id, _ in results], claim)
+        mine = ownership.mine
         delivered = [
             i for i, outcome in results if i in mine and outcome.kind is OutcomeKind.DELIVERED
         ]
@@ -217,7 +218,7 @@ class OutboxStore:
                     outbox.c.id.in_([i for i, _ in failed]), _suppressed(outbox.c.user_id)
                 )
             )
-        return len(results) - len(mine)
+        return ownership.taken_over
 
     def _accepted(
         self, connection: Connection, destination_id: int, change_ids: list[int], now: datetime
