@@ -134,9 +134,13 @@ class DeletionStore:
                 .limit(want)
                 .with_for_update(skip_locked=True)
             )
+            # Chosen first, then updated by id (see OutboxStore._claim).
+            ids = connection.execute(chosen).scalars().all()
+            if not ids:
+                return [], lost
             rows = connection.execute(
                 update(deletions)
-                .where(x.id.in_(chosen.scalar_subquery()))
+                .where(x.id.in_(ids))
                 .values(**claim_values(claim))
                 .returning(x.id, x.user_id, x.requested_at)
             ).all()

@@ -146,9 +146,14 @@ class OutboxStore:
             .limit(want)
             .with_for_update(of=outbox, skip_locked=True)
         )
+        # Chosen first, then updated by id: an UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR
+        # UPDATE SKIP LOCKED) may rescan its subquery on PostgreSQL and claim more than n rows.
+        ids = connection.execute(chosen).scalars().all()
+        if not ids:
+            return []
         rows = connection.execute(
             update(outbox)
-            .where(o.id.in_(chosen.scalar_subquery()))
+            .where(o.id.in_(ids))
             # A run-out claim being taken over may have been sent by its dead claimer.
             .values(attempted=or_(o.attempted, o.claim_token.is_not(None)), **claim_values(claim))
             .returning(o.id, o.user_id, o.value, o.anonymous_id, o.email, o.created_at)
