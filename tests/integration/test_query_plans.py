@@ -563,9 +563,10 @@ class Case:
 
 
 OWED = frozenset({"ix_syncer_deletions_owed"})
-# The claims: an UPDATE of the rows a subquery chooses (not the UPDATEs that record outcomes).
-CLAIM_OF_CHANGES = r"^UPDATE syncer_outbox SET .* WHERE syncer_outbox\.id IN \(SELECT "
-CLAIM_OF_DELETES = r"^UPDATE syncer_deletions SET .* WHERE syncer_deletions\.id IN \(SELECT "
+# The claims: the SELECT that chooses the rows to claim (then updated by id), not the
+# statements that record outcomes.
+CLAIM_OF_CHANGES = r"^SELECT syncer_outbox\.id FROM syncer_outbox LEFT OUTER JOIN "
+CLAIM_OF_DELETES = r"^SELECT syncer_deletions\.id FROM syncer_deletions WHERE "
 MEMBER_PROBE = frozenset({PRIMARY_KEY})
 # An INSERT ... SELECT whose outer FROM (the first: its select list has no subquery) is ...
 FIRST_FROM = r"^INSERT INTO syncer_outbox (?:(?! FROM ).)* FROM "
