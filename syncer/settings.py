@@ -13,6 +13,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -169,20 +170,22 @@ class DeliverySettings(_Section):
     max_rejections: Annotated[int, Field(ge=1, le=1000)] = 5
     lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 120.0
 
-    @model_validator(mode="after")
-    def _claims_outlive_requests(self) -> DeliverySettings:
+    @field_validator("lease_seconds")
+    @classmethod
+    def _claims_outlive_requests(cls, lease_seconds: float, info: ValidationInfo) -> float:
         # A worker that cannot renew its claim must be able to stop sending before the claim
         # runs out: a request must fit between the last renewal and the expiry, with a margin.
-        shortest = (
-            (self.timeout_seconds + CLAIM_SAFETY_SECONDS) * CLAIM_RENEWALS / (CLAIM_RENEWALS - 1)
-        )
-        if self.lease_seconds <= shortest:
+        timeout = info.data.get("timeout_seconds")
+        if timeout is None:  # timeout_seconds itself was invalid: that error is reported
+            return lease_seconds
+        shortest = (timeout + CLAIM_SAFETY_SECONDS) * CLAIM_RENEWALS / (CLAIM_RENEWALS - 1)
+        if lease_seconds <= shortest:
             raise ValueError(
-                f"lease_seconds must be more than timeout_seconds plus the renewal interval "
+                f"must be more than timeout_seconds plus the renewal interval "
                 f"(lease_seconds / {CLAIM_RENEWALS}) plus {CLAIM_SAFETY_SECONDS:g} s: more than "
-                f"{shortest:g} with timeout_seconds = {self.timeout_seconds:g}"
+                f"{shortest:g} with timeout_seconds = {timeout:g}"
             )
-        return self
+        return lease_seconds
 
 
 class GuardSettings(_Section):

@@ -400,11 +400,18 @@ class SyncEngine:
         # always arrives last); give such changes up to a claim's lifetime to be answered.
         context = self.context
         deadline = time.monotonic() + self.settings.delivery.lease_seconds
+        delivered = 0
+        last_pass = False
         while True:
             report = await deliver_deletions(context, sender, destination_id)
-            if not report.pending or sender.unavailable or time.monotonic() >= deadline:
+            delivered += report.delivered
+            report.delivered = delivered
+            done = not report.pending or sender.unavailable or time.monotonic() >= deadline
+            if done or last_pass:
                 return report
             waiting = await context.db(self.store.deletions.waiting_count, destination_id)
-            if not waiting:
-                return report
-            await asyncio.sleep(0.1)
+            # With nothing left waiting, the change it waited for may have been recorded just
+            # after that pass: one more pass sends what can go now.
+            last_pass = not waiting
+            if waiting:
+                await asyncio.sleep(0.1)
