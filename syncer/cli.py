@@ -19,7 +19,6 @@ from sqlalchemy.exc import DBAPIError
 
 from syncer.core.states import PairState
 from syncer.core.urls import canonical_url
-from syncer.daemon import Daemon
 from syncer.errors import (
     EXIT_DATABASE,
     EXIT_INTERNAL,
@@ -335,6 +334,8 @@ def daemon_command(app: App) -> None:
 
     Settings are read once at start: restart the daemon for changes to take effect.
     """
+    from syncer.daemon import Daemon  # APScheduler is loaded only by the command that uses it
+
     settings = app.settings
     engine = SyncEngine(settings, app.store())
     try:

@@ -86,6 +86,33 @@ def test_migrate_twice_is_idempotent_and_keeps_data(database_url: str, tmp_path:
     assert "aud_1" in before
 
 
+@pytest.mark.parametrize(
+    ("revision", "says"),
+    [
+        ("9999", "migrated by a newer version of the syncer (revision 9999)"),
+        ("0004", "is at revision 0004"),
+    ],
+)
+def test_a_database_migrated_by_another_version_is_refused_with_exit_3(
+    database_url: str, tmp_path: Path, revision: str, says: str
+) -> None:
+    # A rolling upgrade must not mix protocols: a worker refuses a schema it was not built for.
+    settings = write_settings(tmp_path / "settings.toml", database_url, ["http://127.0.0.1:9/wf"])
+    assert cli("migrate", settings=settings).returncode == 0
+    engine = create_database_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        engine.dispose()
+
+    refused = cli("sync", settings=settings)
+
+    assert refused.returncode == 3, show(refused)
+    (line,) = refused.stderr.strip().splitlines()
+    assert says in line and "this version needs" in line, line
+
+
 def test_commands_on_an_unmigrated_database_exit_3_and_say_run_migrate(
     database_url: str, tmp_path: Path
 ) -> None:

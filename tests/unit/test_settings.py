@@ -219,3 +219,10 @@ def test_secret_hidden_in_str_and_repr(monkeypatch: pytest.MonkeyPatch, from_env
     for text in (str(settings), repr(settings), str(settings.tray), repr(settings.tray)):
         assert SECRET not in text  # ... but never shown
     assert URL in repr(settings)
+
+
+def test_the_schema_revision_checked_at_start_is_the_head_of_the_migrations() -> None:
+    # Commands check SCHEMA_REVISION without loading Alembic; `migrate` upgrades to the head.
+    from syncer.store.database import SCHEMA_REVISION, head_revision
+
+    assert head_revision() == SCHEMA_REVISION
