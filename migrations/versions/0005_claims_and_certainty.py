@@ -240,6 +240,33 @@ def _copy(connection: sa.Connection) -> None:
             """
         )
     )
+    # Every pair with something told or queued gets its row, and its changes' timestamps go on
+    # from the newest queued one: a change planned later must be newer, whatever the clock of
+    # the host that queued the old one said.
+    for table in ("syncer_state_next", "syncer_outbox_next"):
+        connection.execute(
+            sa.text(
+                f"""
+                INSERT INTO syncer_pairs (destination_id, audience_id)
+                SELECT DISTINCT t.destination_id, t.audience_id FROM {table} t
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM syncer_pairs p
+                    WHERE p.destination_id = t.destination_id AND p.audience_id = t.audience_id
+                )
+                """
+            )
+        )
+    connection.execute(
+        sa.text(
+            """
+            UPDATE syncer_pairs SET last_planned_at = (
+                SELECT max(o.created_at) FROM syncer_outbox_next o
+                WHERE o.destination_id = syncer_pairs.destination_id
+                  AND o.audience_id = syncer_pairs.audience_id
+            )
+            """
+        )
+    )
     # A hold was per audience: it now holds the audience for every URL that knows of it.
     connection.execute(
         sa.text(

@@ -171,13 +171,17 @@ def _insert_changes(connection: Connection, select_: Any) -> int:
     return int(counted.execute(insert(outbox).from_select(_OUTBOX_COLUMNS, select_)).rowcount)
 
 
-def _lock_pair(pair: _Pair) -> Any:
-    connection = pair.connection
+def _ensure_pair(connection: Connection, destination_id: int, audience_id: str) -> None:
+    # Outside the plan's savepoint: a hold must find the row even when the plan is undone.
     connection.execute(
         dialect_insert(connection, pairs)
-        .values(destination_id=pair.destination_id, audience_id=pair.audience_id)
+        .values(destination_id=destination_id, audience_id=audience_id)
         .on_conflict_do_nothing()
     )
+
+
+def _lock_pair(pair: _Pair) -> Any:
+    connection = pair.connection
     return connection.execute(
         select(pairs)
         .where(
@@ -192,8 +196,14 @@ def _plan_in(
 ) -> PlanResult:
     connection = pair.connection
     row = _lock_pair(pair)
-    if row.last_planned_at is not None and now <= row.last_planned_at:
-        now = row.last_planned_at + TIMESTAMP_STEP
+    # A new change must be newer than every change of the pair before it, whatever the clocks
+    # of the hosts that planned those said (and for a database upgraded with changes queued).
+    newest_queued = connection.execute(
+        select(func.max(outbox.c.created_at)).where(pair.outbox())
+    ).scalar_one()
+    floor = max((t for t in (row.last_planned_at, newest_queued) if t is not None), default=None)
+    if floor is not None and now <= floor:
+        now = floor + TIMESTAMP_STEP
     held = row.held_at is not None
     approved = held and row.approved_at is not None
 
@@ -363,6 +373,7 @@ class PlanStore:
         def attempt() -> PlanResult:
             with writing(self.engine, snapshot=True) as connection:
                 pair = _Pair(connection, destination_id, audience_id)
+                _ensure_pair(connection, destination_id, audience_id)
                 try:
                     with connection.begin_nested():
                         return _plan_in(
@@ -408,6 +419,7 @@ class PlanStore:
                 select(destinations.c.id).where(destinations.c.canonical == canonical)
             ).scalar_one()
             pair = _Pair(connection, destination_id, audience_id)
+            _ensure_pair(connection, destination_id, audience_id)
             try:
                 with connection.begin_nested():
                     result = _plan_in(pair, full=full, now=now, limits=limits)
