@@ -29,10 +29,13 @@ SETTINGS_PATH_ENV = "SYNCER_SETTINGS"
 SECRET_ENV = "SYNCER_TRAY_SHARED_SECRET"
 DATABASE_URL_ENV = "SYNCER_DATABASE_URL"
 MAX_WORKFLOW_URLS = 10
-# How claims are kept (syncer.sync.claiming): renewed this many times per lifetime, and the
-# last request must end this long before the claim could run out.
-CLAIM_RENEWALS = 3
+# How claims are kept (syncer.sync.claiming): renewed every quarter of lease_seconds, and a
+# request may start only if it ends CLAIM_SAFETY_SECONDS before the claim could run out. A lease
+# of more than 1.5 x (timeout_seconds + CLAIM_SAFETY_SECONDS) leaves every request room between
+# two renewals, with a twelfth of the lease to spare for a renewal's own round trip.
+CLAIM_RENEWALS = 4
 CLAIM_SAFETY_SECONDS = 1.0
+MIN_LEASE_PER_REQUEST = 1.5
 
 
 class _Section(BaseModel):
@@ -178,12 +181,12 @@ class DeliverySettings(_Section):
         timeout = info.data.get("timeout_seconds")
         if timeout is None:  # timeout_seconds itself was invalid: that error is reported
             return lease_seconds
-        shortest = (timeout + CLAIM_SAFETY_SECONDS) * CLAIM_RENEWALS / (CLAIM_RENEWALS - 1)
+        shortest = (timeout + CLAIM_SAFETY_SECONDS) * MIN_LEASE_PER_REQUEST
         if lease_seconds <= shortest:
             raise ValueError(
-                f"must be more than timeout_seconds plus the renewal interval "
-                f"(lease_seconds / {CLAIM_RENEWALS}) plus {CLAIM_SAFETY_SECONDS:g} s: more than "
-                f"{shortest:g} with timeout_seconds = {timeout:g}"
+                f"must be more than {MIN_LEASE_PER_REQUEST:g} x (timeout_seconds + "
+                f"{CLAIM_SAFETY_SECONDS:g} s), so that a request fits between two renewals of a "
+                f"claim: more than {shortest:g} with timeout_seconds = {timeout:g}"
             )
         return lease_seconds
 

@@ -1,7 +1,7 @@
 """Keeping a claim alive while sending, and knowing when it can no longer be trusted.
 
 A claim runs out on the database's clock ``ttl`` after it was taken or last renewed. The keeper
-renews it every third of that; it measures, on this machine's monotonic clock, from just before
+renews it every quarter of that; it measures, on this machine's monotonic clock, from just before
 each successful renewal, when the claim could run out at the earliest, and closes the gate to
 new requests while one started now could still be in flight then. So a worker that cannot
 renew (the database is unreachable) stops sending before anyone else may take its rows over,
@@ -59,6 +59,8 @@ class ClaimKeeper:
         Once the claim may have run out, it is never trusted again: another worker may hold
         its rows by now.
         """
+        if self._valid_until == -math.inf:
+            return False  # nothing claimed yet: nothing may be sent
         now = self._clock()
         if now + SAFETY_SECONDS >= self._valid_until:
             self.lost = True

@@ -372,6 +372,8 @@ class SyncEngine:
         await context.db(
             store.deletions.suppress, list(user_ids), list(destination_ids.values()), utcnow()
         )
+        # A change of a killed process must not hold the deletes back for a claim's lifetime.
+        await context.db(store.claims.release_dead, holder_is_dead)
         log.info("users_deleted", count=len(user_ids))
         transports = {url: self._transport_factory() for url in urls}
         try:

@@ -225,7 +225,7 @@ def test_mark_lost_closes_the_gate_for_good() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Renewals (ttl 9: one every 3 s; started at 0, the first renewal starts at 3)
+# Renewals (ttl 9: one every 2.25 s; started at 0, the first renewal starts at 2.25)
 
 
 @dataclass(frozen=True)
@@ -238,31 +238,33 @@ class RenewalCase:
 
 
 RENEWAL_CASES = [
-    # Starts at 3, ends at 3.5: the claim lives until 3 + 9, measured from the start.
-    RenewalCase("prompt renewal extends from its start", [Renewal(0.5)], 12 - 3, 1),
-    # Second starts at 3.5 + 3 = 6.5: expiry 15.5.
-    RenewalCase("renewals keep extending", [Renewal(0.5), Renewal(0.5)], 15.5 - 3, 2),
+    # Starts at 2.25, ends at 2.75: the claim lives until 2.25 + 9, measured from the start.
+    RenewalCase("prompt renewal extends from its start", [Renewal(0.5)], 11.25 - 3, 1),
+    # Second starts at 2.75 + 2.25 = 5: expiry 14.
+    RenewalCase("renewals keep extending", [Renewal(0.5), Renewal(0.5)], 14 - 3, 2),
     RenewalCase("failed renewal does not extend", [Renewal(0.5, fails=True)], CLOSES, 0),
     RenewalCase(
         "failure then prompt renewal extends from the later start",
         [Renewal(0.5, fails=True), Renewal(0.5)],
-        15.5 - 3,
+        14 - 3,
         1,
     ),
-    # Starts at 3, ends at 8.9 (< 9): extended, but only to 3 + 9 (from its start).
-    RenewalCase("slow renewal that ends in time extends from its start", [Renewal(5.9)], 9, 1),
+    # Starts at 2.25, ends at 8.15 (< 9): extended, but only to 2.25 + 9 (from its start).
+    RenewalCase(
+        "slow renewal that ends in time extends from its start", [Renewal(5.9)], 11.25 - 3, 1
+    ),
     # Ends at 9 exactly: some rows may already have run out (and been taken).
-    RenewalCase("renewal ending at the expiry does not revive", [Renewal(6.0)], None, 1),
+    RenewalCase("renewal ending at the expiry does not revive", [Renewal(6.75)], None, 1),
     RenewalCase(
         "renewal ending after the expiry does not revive, nor does a prompt one later",
         [Renewal(7.0), Renewal(0.5)],
         None,
         2,
     ),
-    # Ends at 8.5 (< 9), but a sender asked the gate at 8.5 (>= 9 - SAFETY): lost already.
+    # Ends at 8.25 (< 9), but a sender asked the gate at 8.25 (>= 9 - SAFETY): lost already.
     RenewalCase(
         "renewal ending after the gate declared the claim lost does not revive",
-        [Renewal(5.5, gate_asked_at_end=True), Renewal(0.5)],
+        [Renewal(6.0, gate_asked_at_end=True), Renewal(0.5)],
         None,
         2,
     ),
@@ -306,8 +308,8 @@ def test_renewal_after_mark_lost_does_not_reopen(monkeypatch: pytest.MonkeyPatch
 
 
 def test_renewals_are_asked_for_every_third_of_the_ttl() -> None:
-    assert renewal_interval(TTL) == TTL / 3
-    assert renewal_interval(120) == 40
+    assert renewal_interval(TTL) == TTL / 4
+    assert renewal_interval(120) == 30
 
 
 def test_renewing_block_stops_renewals_when_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -355,21 +357,7 @@ def test_renewing_block_stops_renewals_when_it_ends(monkeypatch: pytest.MonkeyPa
         pytest.param(1.0, 4.0, 0.05, id="the fencing integration tests"),
         pytest.param(0.8, 4.0, 0.05, id="the renewal integration test"),
         pytest.param(5.0, 9.5, 0.05, id="tight"),
-        pytest.param(
-            0.5,
-            2.26,
-            0.05,
-            id="just above the validator's minimum",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "settings accept lease_seconds > (timeout + 1) * 3/2, which leaves no room "
-                    "for the renewal's own duration (nor for the loop sleeping ttl/3 after a "
-                    "renewal ends): the gate closes just before each renewal completes, and a "
-                    "healthy worker stops every pair with CLAIM_LOST"
-                ),
-            ),
-        ),
+        pytest.param(0.5, 2.26, 0.05, id="just above the validator's minimum"),
     ],
 )
 def test_accepted_settings_keep_the_gate_open_while_renewals_succeed_promptly(
