@@ -149,9 +149,7 @@ def main() -> None:
         started = time.perf_counter()
         load_members(store, "large", arguments.members)
         print(f"loaded {arguments.members:,} members in {time.perf_counter() - started:.1f} s")
-        destination_id = next(
-            iter(store.destinations.find(settings.tray.workflow_urls).values())
-        )
+        destination_id = next(iter(store.destinations.find(settings.tray.workflow_urls).values()))
         started = time.perf_counter()
         store.refresh_statistics()  # as every run does first
         store.planning.plan(
