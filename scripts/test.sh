@@ -15,4 +15,5 @@ echo "== ruff"
 echo "== mypy --strict"
 .venv/bin/mypy
 echo "== pytest"
-.venv/bin/python -m pytest -n 2 "$@"
+# Four workers on two cores: most tests wait on HTTP replies, subprocesses and databases.
+.venv/bin/python -m pytest -n 4 "$@"

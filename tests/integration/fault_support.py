@@ -107,11 +107,12 @@ def query(engine: Engine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
 
 
 def delivered_values(engine: Engine) -> dict[tuple[str, str, str], str]:
-    """(URL, audience, user) -> the value the record says the URL was told."""
+    """(URL, audience, user) -> the value the record says the URL accepted (users it may
+    have heard of without accepting anything yet are left out)."""
     rows = query(
         engine,
         "select d.url, t.audience_id, t.user_id, t.value from syncer_state t "
-        "join syncer_destinations d on d.id = t.destination_id",
+        "join syncer_destinations d on d.id = t.destination_id where t.value is not null",
     )
     return {(url, audience, user): value for url, audience, user, value in rows}
 

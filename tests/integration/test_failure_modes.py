@@ -117,7 +117,7 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
     sync(settings, expect=0)
     standin.clear()
     standin.respond("/down", Reply(status=503, body=b'{"error":"maintenance"}'))
-    first_attempt: dict[str, str] = {}
+    first_attempt: dict[tuple[str, Any], str] = {}
 
     # Three runs while /down answers 503, with memberships changing between them.
     for step, (enter, leave) in enumerate(
@@ -143,7 +143,9 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
         }
         assert got == {**dict.fromkeys(enter, True), **dict.fromkeys(leave, False)}, step
         for item in standin.received("/down"):
-            first_attempt.setdefault(item.message["userId"], item.message["messageId"])
+            first_attempt.setdefault(
+                (item.message["userId"], trait_value(item)), item.message["messageId"]
+            )
         # /down's backlog waits in the outbox, pending, and was never recorded as told.
         backlog = {
             row["user_id"]: (row["value"], row["status"])
@@ -185,9 +187,9 @@ def test_url_down_for_several_runs_keeps_its_backlog_and_then_gets_the_net_chang
     }
     # A change queued while the URL was down keeps its messageId until it is accepted.
     for item in standin.received("/down"):
-        user = item.message["userId"]
-        if user in first_attempt:
-            assert item.message["messageId"] == first_attempt[user], user
+        change = (item.message["userId"], trait_value(item))
+        if change in first_attempt:
+            assert item.message["messageId"] == first_attempt[change], change
     told = delivered_values(engine)
     expected = {"u1": "false", "u2": "false", "u3": "true", "u4": "true", "u5": "true"}
     expected |= {"u6": "false", "u7": "true", "u8": "true"}
