@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ class Reply:
 
 
 Responder = Callable[[str, bytes], Reply]
+_PRINTING = threading.Lock()
 
 
 class TrayStandin:
@@ -132,11 +134,13 @@ class TrayStandin:
         message = record.message
         traits = message.get("traits", {})
         shown = {k: v for k, v in traits.items() if k != "email"}
-        print(
+        line = (
             f"[tray {record.path}] {message.get('type')} userId={message.get('userId')} "
-            f"{json.dumps(shown)} ({verdict}) -> {record.status}",
-            flush=True,
+            f"{json.dumps(shown)} ({verdict}) -> {record.status}\n"
         )
+        with _PRINTING:  # one whole line at a time, whichever handler thread prints
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
     @property
     def port(self) -> int:
