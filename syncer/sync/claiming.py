@@ -18,6 +18,8 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from syncer.delivery.claims import Exchange, Ref, deliver_claimed
+from syncer.delivery.sender import UrlSender
 from syncer.settings import CLAIM_RENEWALS, CLAIM_SAFETY_SECONDS
 from syncer.store.claims import Claim
 
@@ -105,3 +107,15 @@ class ClaimKeeper:
             yield self
         finally:
             task.cancel()
+
+
+async def send_under(
+    keeper: ClaimKeeper, sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int
+) -> None:
+    """Send what ``exchange`` claims, each request gated on ``keeper``'s claim, renewing it
+    meanwhile; nothing at all when the URL was already given up for the run."""
+    sender.reopen_gate(keeper.gate)
+    if sender.unavailable:
+        return
+    async with keeper.renewing():
+        await deliver_claimed(sender, exchange, concurrency=concurrency)

@@ -15,6 +15,8 @@ from typing import Protocol, TypeVar
 from syncer.core.guard import GuardLimits
 from syncer.settings import Settings
 from syncer.store import Store
+from syncer.store.claims import Claim
+from syncer.sync.claiming import ClaimKeeper
 
 T = TypeVar("T")
 
@@ -68,6 +70,16 @@ class RunContext:
         HTTP."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, partial(function, *args, **kwargs))
+
+    def claim_keeper(self) -> ClaimKeeper:
+        """A new claim of this process, and the keeper that renews it while sending."""
+        delivery = self.settings.delivery
+        claim = Claim.new(self.holder, delivery.lease_seconds)
+        return ClaimKeeper(
+            claim,
+            lambda: self.db(self.store.claims.renew, claim),
+            request_timeout_seconds=delivery.timeout_seconds,
+        )
 
     @property
     def guard_limits(self) -> GuardLimits:

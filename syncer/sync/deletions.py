@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import delete_body
-from syncer.delivery.claims import Outgoing, deliver_claimed
+from syncer.delivery.claims import Outgoing
 from syncer.delivery.sender import UrlSender
-from syncer.store.claims import Claim
 from syncer.store.deletions import OwedDeletion
 from syncer.store.sql import utcnow
-from syncer.sync.claiming import ClaimKeeper
+from syncer.sync.claiming import send_under
 from syncer.sync.context import RunContext
 from syncer.sync.reports import DeletionReport
 
@@ -20,12 +19,8 @@ async def deliver_deletions(
     """Send every delete owed to the URL that can go now; report what was delivered and owed."""
     store, delivery = context.store, context.settings.delivery
     report = DeletionReport(url=sender.url)
-    claim = Claim.new(context.holder, delivery.lease_seconds)
-    keeper = ClaimKeeper(
-        claim,
-        lambda: context.db(store.claims.renew, claim),
-        request_timeout_seconds=delivery.timeout_seconds,
-    )
+    keeper = context.claim_keeper()
+    claim = keeper.claim
     cursor = 0
 
     async def exchange(
@@ -54,9 +49,6 @@ async def deliver_deletions(
             for d in claimed
         ]
 
-    sender.reopen_gate(keeper.gate)
-    if not sender.unavailable:
-        async with keeper.renewing():
-            await deliver_claimed(sender, exchange, concurrency=delivery.concurrency)
+    await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
     report.pending = await context.db(store.deletions.owed_count, destination_id)
     return report

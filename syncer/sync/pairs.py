@@ -7,13 +7,12 @@ import structlog
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import Computation, TraitChange, identify_body
 from syncer.core.states import ChangeStatus, PairState
-from syncer.delivery.claims import Outgoing, deliver_claimed
+from syncer.delivery.claims import Outgoing
 from syncer.delivery.sender import UrlSender
-from syncer.store.claims import Claim
 from syncer.store.outbox import QueuedChange
 from syncer.store.planning import PlanOutcome
 from syncer.store.sql import utcnow
-from syncer.sync.claiming import ClaimKeeper
+from syncer.sync.claiming import send_under
 from syncer.sync.context import Progress, RunContext
 from syncer.sync.reports import PairReport
 
@@ -111,12 +110,8 @@ async def _deliver(
 ) -> None:
     store, delivery = context.store, context.settings.delivery
     computation = Computation("audience", audience_id, key, context.settings.engage.space_id)
-    claim = Claim.new(context.holder, delivery.lease_seconds)
-    keeper = ClaimKeeper(
-        claim,
-        lambda: context.db(store.claims.renew, claim),
-        request_timeout_seconds=delivery.timeout_seconds,
-    )
+    keeper = context.claim_keeper()
+    claim = keeper.claim
     cursor = 0
 
     async def exchange(
@@ -153,11 +148,7 @@ async def _deliver(
             for change in exchanged.claimed
         ]
 
-    sender.reopen_gate(keeper.gate)
-    if sender.unavailable:
-        return
-    async with keeper.renewing():
-        await deliver_claimed(sender, exchange, concurrency=delivery.concurrency)
+    await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
 
 
 def _trait_change(change: QueuedChange) -> TraitChange:
