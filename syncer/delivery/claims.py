@@ -1,15 +1,18 @@
-"""Sending what is claimed, just in time: a bounded loop over a claim-and-record exchange.
+"""Sending what is claimed, just in time: a pipelined loop over a claim-and-record exchange.
 
 The caller's ``exchange(results, want)`` records the outcomes handed to it and claims up to
-``want`` more items, in one transaction. The loop keeps at most ``concurrency`` items claimed
-at any moment (in flight, or answered and not yet recorded), and claims only when half of them
-are free, so a send is decided just before it happens and a crash re-sends at most
-``concurrency`` items per URL. It knows nothing of audiences.
+``want`` more items, in one transaction. The loop keeps at most ``chunk`` items claimed at any
+moment (waiting, in flight, or answered and not yet recorded) and at most ``concurrency`` in
+flight; it exchanges once half the chunk is free, while the requests already started go
+on, so the connections never wait for the database. A crash re-sends at most ``chunk`` items
+per URL and worker (those sent and not yet recorded). It knows nothing of audiences.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -22,53 +25,121 @@ Ref = TypeVar("Ref")
 
 @dataclass(frozen=True)
 class Outgoing(Generic[Ref]):
-    """A body to send, with the caller's reference to it."""
+    """A body to send, with the caller's reference to it, and the moment (on the event loop's
+    clock) before which it must not be sent, for pacing."""
 
     ref: Ref
     body: bytes
+    not_before: float = 0.0
 
 
 Exchange = Callable[[list[tuple[Ref, Outcome]], int], Awaitable[list[Outgoing[Ref]]]]
 
 _CANCELLED = Outcome(OutcomeKind.RETRYABLE, None, "cancelled in flight", 1)
+_UNSENT = Outcome(OutcomeKind.NOT_SENT, detail="not sent: URL given up for this run")
+
+
+def chunk_size(concurrency: int) -> int:
+    """How many items one worker holds claimed per URL at most: the crash's duplicate bound.
+
+    Each exchange records and claims about half of it; at 64 a transaction serves 32 requests
+    or more, which keeps the database's share of a request small."""
+    return max(2 * concurrency, 64)
 
 
 async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int) -> None:
     """Claim, send and record until nothing more is claimable or the URL is given up.
 
     On cancellation the answers already in, and the requests cut off in flight (as possibly
-    processed), are still recorded, so their claims are released at once.
+    processed), are still recorded, and what was claimed but not sent is released.
     """
-    refill_at = max(1, concurrency // 2)
+    loop = asyncio.get_running_loop()
+    chunk = chunk_size(concurrency)
+    waiting: deque[Outgoing[Ref]] = deque()
     in_flight: dict[asyncio.Task[Outcome], Ref] = {}
     answered: list[tuple[Ref, Outcome]] = []
+    exchanging: asyncio.Future[list[Outgoing[Ref]]] | None = None
+    claimed: list[Outgoing[Ref]] | None = None
+    failures: list[BaseException] = []
+    wakeup = asyncio.Event()
+    wanted = 0
     exhausted = False
+
+    # Completions are handed over by callbacks, not by asyncio.wait over every task in flight:
+    # that would register and remove a callback on each of them for every single answer.
+    def answer_in(task: asyncio.Task[Outcome]) -> None:
+        ref = in_flight.pop(task, None)
+        if ref is None or task.cancelled():
+            return  # cut off in flight: the finally clause below accounts for it
+        if (error := task.exception()) is not None:
+            failures.append(error)
+        else:
+            answered.append((ref, task.result()))
+        wakeup.set()
+
+    def claims_in(future: asyncio.Future[list[Outgoing[Ref]]]) -> None:
+        nonlocal claimed
+        if not future.cancelled():
+            if (error := future.exception()) is not None:
+                failures.append(error)
+            else:
+                claimed = future.result()
+        wakeup.set()
+
     try:
         while True:
-            free = concurrency - len(in_flight) - len(answered)
-            can_claim = not exhausted and not sender.unavailable
-            if (
-                (can_claim and free >= refill_at)
-                or (not in_flight and answered)
-                or (not in_flight and can_claim)
-            ):
-                want = free if can_claim else 0
-                handed, answered = answered, []
-                batch = await exchange(handed, want)
-                if want and len(batch) < want:
-                    exhausted = True
-                for item in batch:
-                    task = asyncio.create_task(sender.deliver(item.body))
-                    in_flight[task] = item.ref
-                continue
-            if not in_flight:
-                return
-            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                answered.append((in_flight.pop(task), task.result()))
+            if failures:
+                raise failures[0]
+            if claimed is not None:
+                exhausted = exhausted or (wanted > 0 and len(claimed) < wanted)
+                waiting.extend(claimed)
+                claimed, exchanging = None, None
+            wake_at = None
+            if sender.unavailable and waiting:
+                answered.extend((item.ref, _UNSENT) for item in waiting)
+                waiting.clear()
+            while waiting and len(in_flight) < concurrency:
+                if waiting[0].not_before > loop.time():
+                    wake_at = waiting[0].not_before
+                    break
+                item = waiting.popleft()
+                task = asyncio.create_task(sender.deliver(item.body))
+                in_flight[task] = item.ref
+                task.add_done_callback(answer_in)
+            if exchanging is None:
+                held = len(waiting) + len(in_flight)
+                can_claim = not exhausted and not sender.unavailable
+                if (
+                    (can_claim and chunk - held >= chunk // 2)
+                    or (not held and answered)
+                    or len(answered) >= chunk
+                ):
+                    wanted = chunk - held if can_claim else 0
+                    handed, answered = answered, []
+                    exchanging = asyncio.ensure_future(exchange(handed, wanted))
+                    exchanging.add_done_callback(claims_in)
+                elif not held:
+                    return
+            wakeup.clear()
+            if wake_at is None:
+                await wakeup.wait()
+            else:  # paced: wake up when the next item is due, or earlier on news
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), max(0.0, wake_at - loop.time()))
     finally:
-        for task in in_flight:
+        cut_off = list(in_flight.items())
+        in_flight.clear()
+        for task, _ in cut_off:
             task.cancel()
-        leftovers = [(ref, _CANCELLED) for ref in in_flight.values()]
+        if exchanging is not None and claimed is None:
+            # We are leaving on an error or a cancellation already: that is what is raised.
+            with contextlib.suppress(Exception):
+                claimed = await asyncio.shield(exchanging)
+        waiting.extend(claimed or [])
+        leftovers: list[tuple[Ref, Outcome]] = []
+        for task, ref in cut_off:
+            finished = task.done() and not task.cancelled() and task.exception() is None
+            leftovers.append((ref, task.result() if finished else _CANCELLED))
+        leftovers += [(item.ref, _UNSENT) for item in waiting]
         if answered or leftovers:
             await asyncio.shield(exchange(answered + leftovers, 0))

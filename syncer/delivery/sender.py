@@ -102,10 +102,30 @@ class UrlSender:
         if self.unavailable:
             return Outcome(OutcomeKind.NOT_SENT, detail="not sent: URL given up for this run")
         headers = signature_headers(body, self._secret)
-        sent = 0
+        if not self.gate():
+            self.gate_closed = True
+            return Outcome(OutcomeKind.NOT_SENT, detail="not sent: claim about to run out")
+        # The first attempt goes straight out; the retry machinery is for failures only.
+        response = await self._transport.post(self.url, body, headers)
+        sent = 1
+        if self._should_retry(response) and self._policy.max_attempts > 1:
+            response, sent = await self._retry(body, headers, response)
+        outcome = _outcome(response, sent)
+        self._note(outcome)
+        return outcome
+
+    async def _retry(
+        self, body: bytes, headers: dict[str, str], first: Response
+    ) -> tuple[Response, int]:
+        """Retry after a first retryable answer; return the last answer and the requests sent."""
+        sent = 1
+        answered: Response | None = first
 
         async def attempt() -> Response:
-            nonlocal sent
+            nonlocal sent, answered
+            if answered is not None:  # tenacity's first attempt is the one already made
+                response, answered = answered, None
+                return response
             if not self.gate():
                 self.gate_closed = True
                 return Response(status=None, error="not sent: claim about to run out")
@@ -118,12 +138,8 @@ class UrlSender:
             retry=retry_if_result(self._should_retry),
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
         )
-        response: Response = await retrying(attempt)
-        if sent == 0:
-            return Outcome(OutcomeKind.NOT_SENT, detail=response.error or "not sent")
-        outcome = _outcome(response, sent)
-        self._note(outcome)
-        return outcome
+        last: Response = await retrying(attempt)
+        return last, sent
 
     def _note(self, outcome: Outcome) -> None:
         if outcome.kind is OutcomeKind.REFUSED:

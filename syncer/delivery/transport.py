@@ -1,19 +1,23 @@
-"""The HTTP edge, behind a small interface so that the transport can change."""
+"""The HTTP edge, behind a small interface so that the transport can change.
+
+Deliveries go through aiohttp: on this project's benchmark it sends about ten times what
+``httpx.AsyncClient`` does at the same concurrency (README, "Why aiohttp"), and the rules of a
+delivery (no redirects, TLS verified, bounded reads and time) are all its own options.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
+import aiohttp
 
 EXCERPT_BYTES = 512
 # What is read of a response at most: enough for an excerpt, never a whole huge body.
 MAX_RESPONSE_BYTES = 64 * 1024
+USER_AGENT = "engage-audience-syncer"
 
 
 @dataclass(frozen=True)
@@ -43,53 +47,69 @@ def _excerpt(raw: bytes) -> str:
     return " ".join(text.split())
 
 
-class HttpxTransport:
-    """A keep-alive httpx client: redirects not followed, TLS verified, time and size bounded."""
+class AiohttpTransport:
+    """A keep-alive aiohttp session: redirects not followed, TLS verified, time and size bounded.
+
+    The session is made on first use, inside the event loop that sends.
+    """
 
     def __init__(
         self, *, timeout_seconds: float, max_connections: int, tls: ssl.SSLContext | None = None
     ) -> None:
         self._timeout_seconds = timeout_seconds
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(timeout_seconds),
-            headers={"User-Agent": "engage-audience-syncer"},
-            transport=httpx.AsyncHTTPTransport(
-                verify=tls if tls is not None else True,
-                limits=limits,
-                # Small request/response exchanges on keep-alive connections: never let Nagle's
-                # algorithm hold a write back waiting for an ACK.
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            ),
-        )
+        self._max_connections = max_connections
+        self._tls: ssl.SSLContext | bool = tls if tls is not None else True
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections,
+                    limit_per_host=self._max_connections,
+                    ssl=self._tls,
+                    # Never cache a lookup for long: a workflow host may move.
+                    ttl_dns_cache=60,
+                ),
+                timeout=aiohttp.ClientTimeout(total=self._timeout_seconds),
+                headers={"User-Agent": USER_AGENT},
+                # Proxies and .netrc from the environment are not ours to pick up silently.
+                trust_env=False,
+                # Requests go to the URL as configured, byte for byte.
+                requote_redirect_url=False,
+            )
+        return self._session
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
         """POST once; the whole exchange, slow-dripping servers included, is bounded in time."""
+        session = self._open()
         try:
-            async with asyncio.timeout(self._timeout_seconds):
-                async with self._client.stream("POST", url, content=body, headers=headers) as reply:
-                    received = bytearray()
-                    async for chunk in reply.aiter_bytes():
-                        received.extend(chunk)
-                        if len(received) >= MAX_RESPONSE_BYTES:
-                            break
-                    return Response(
-                        status=reply.status_code,
-                        retry_after=reply.headers.get("Retry-After"),
-                        excerpt=_excerpt(bytes(received)),
-                    )
+            # The session's total timeout covers the whole exchange, reading the reply included.
+            async with session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as reply:
+                received = bytearray()
+                while len(received) < MAX_RESPONSE_BYTES:
+                    chunk = await reply.content.read(MAX_RESPONSE_BYTES - len(received))
+                    if not chunk:
+                        break
+                    received.extend(chunk)
+                # A body not read to its end closes the connection on release (aiohttp never
+                # reuses a half-read one), so a huge reply costs one connection, not a stall.
+                return Response(
+                    status=reply.status,
+                    retry_after=reply.headers.get("Retry-After"),
+                    excerpt=_excerpt(bytes(received)),
+                )
         except TimeoutError:
             return Response(status=None, error=f"timed out after {self._timeout_seconds:g}s")
-        except httpx.TimeoutException as error:
-            return Response(status=None, error=f"timed out ({type(error).__name__})")
-        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError, OverflowError) as error:
+        except (aiohttp.ClientError, OSError, ValueError, OverflowError) as error:
             # Whatever goes wrong with one URL is that URL's failure, never the run's. The
             # message names the host and reason; it never holds headers, so no secret.
             return Response(status=None, error=f"{type(error).__name__}: {error}"[:300])
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Table, and_, or_, select, update
+from sqlalchemy import ColumnElement, Double, Engine, Table, and_, bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
 from syncer.store.schema import deletions, outbox
@@ -65,13 +65,32 @@ class Ownership:
     taken_over: int
 
 
+def claim_parameters(claim: Claim) -> dict[str, Any]:
+    """The values of :data:`CLAIM_SET`'s parameters for ``claim``."""
+    return {"claim_token_": claim.token, "claimed_by_": claim.holder, "ttl_": claim.ttl_seconds}
+
+
+# The columns a claim sets, as parameters of a statement built once (see claim_parameters).
+CLAIM_SET: dict[str, Any] = {
+    "claim_token": bindparam("claim_token_"),
+    "claimed_by": bindparam("claimed_by_"),
+    "claimed_until": db_epoch() + bindparam("ttl_", type_=Double()),
+}
+
+# Statements of the hot path are built once: building them costs more than running them.
+_OWNED = {
+    table.name: select(table.c.id, table.c.claim_token)
+    .where(table.c.id.in_(bindparam("ids", expanding=True)))
+    .with_for_update()
+    for table in _CLAIMED_TABLES
+}
+
+
 def owned(connection: Connection, table: Table, ids: Sequence[int], claim: Claim) -> Ownership:
     """Which of ``ids`` ``claim`` still owns, and how many were taken over by another claim."""
     if not ids:
         return Ownership(set(), 0)
-    rows = connection.execute(
-        select(table.c.id, table.c.claim_token).where(table.c.id.in_(list(ids))).with_for_update()
-    ).all()
+    rows = connection.execute(_OWNED[table.name], {"ids": list(ids)}).all()
     mine = {row.id for row in rows if row.claim_token == claim.token}
     return Ownership(mine, len(rows) - len(mine))
 

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -23,13 +24,16 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import BindParameter
 
 from syncer.core.diff import FALSE, TRUE
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import message_id
 from syncer.core.states import ChangeStatus
-from syncer.store.claims import RELEASED, Claim, claim_values, owned, unclaimed
+from syncer.store.claims import CLAIM_SET, RELEASED, Claim, claim_parameters, owned, unclaimed
 from syncer.store.schema import (
     audience_memberships,
     deleted_users,
@@ -38,7 +42,7 @@ from syncer.store.schema import (
     pairs,
     state,
 )
-from syncer.store.sql import dialect_insert, reading, writing
+from syncer.store.sql import reading, writing
 
 _m = audience_memberships
 
@@ -67,6 +71,75 @@ class Exchanged:
 
 def _suppressed(user: ColumnElement[str]) -> ColumnElement[bool]:
     return exists().where(deleted_users.c.user_id == user)
+
+
+_o = outbox.c
+_ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
+
+# The statements of an exchange are built once: building them costs more than running them.
+_HOLD = select(pairs.c.held_at, pairs.c.approved_at).where(
+    pairs.c.destination_id == bindparam("destination_id"),
+    pairs.c.audience_id == bindparam("audience_id"),
+)
+# Outer joins on primary keys, not EXISTS under OR: PostgreSQL would hash the whole audience
+# (and every deleted user) for each claim of a few rows.
+_CLAIMABLE = (
+    select(_o.id)
+    .select_from(
+        outbox.outerjoin(
+            _m, and_(_m.c.audience_id == bindparam("audience_id"), _m.c.user_id == _o.user_id)
+        ).outerjoin(deleted_users, deleted_users.c.user_id == _o.user_id)
+    )
+    .where(
+        _o.destination_id == bindparam("destination_id"),
+        _o.audience_id == bindparam("audience_id"),
+        _o.status == ChangeStatus.PENDING.value,
+        _o.id > bindparam("after_id"),
+        unclaimed(outbox),
+        deleted_users.c.user_id.is_(None),
+        or_(
+            and_(_o.value == TRUE, _m.c.user_id.is_not(None)),
+            and_(_o.value == FALSE, _m.c.user_id.is_(None)),
+        ),
+    )
+    .order_by(_o.id)
+    .limit(bindparam("want"))
+    .with_for_update(of=outbox, skip_locked=True)
+)
+_CLAIM = (
+    update(outbox)
+    .where(_o.id.in_(_ids))
+    # A run-out claim being taken over may have been sent by its dead claimer.
+    .values(attempted=or_(_o.attempted, _o.claim_token.is_not(None)), **CLAIM_SET)
+    .returning(_o.id, _o.user_id, _o.value, _o.anonymous_id, _o.email, _o.created_at)
+)
+_ACCEPT = (
+    delete(outbox)
+    .where(_o.id.in_(_ids))
+    .returning(_o.id, _o.audience_id, _o.user_id, _o.value, _o.anonymous_id, _o.email)
+)
+_DELETED_AMONG = select(deleted_users.c.user_id).where(
+    deleted_users.c.user_id.in_(bindparam("users", expanding=True))
+)
+_TOLD_COLUMNS = ("value", "unsure", "anonymous_id", "email", "message_id", "told_at")
+
+
+def _upsert_told(insert: Any) -> Any:
+    statement = insert(state)
+    return statement.on_conflict_do_update(
+        index_elements=["destination_id", "audience_id", "user_id"],
+        set_={name: statement.excluded[name] for name in _TOLD_COLUMNS},
+    )
+
+
+_UPSERT_TOLD = {"postgresql": _upsert_told(pg_insert), "sqlite": _upsert_told(sqlite_insert)}
+_CLEAR_REFUSAL = (
+    update(destinations)
+    .where(
+        destinations.c.id == bindparam("destination_id"), destinations.c.refused_status.is_not(None)
+    )
+    .values(refused_status=None, refused_at=None, refused_error=None)
+)
 
 
 class OutboxStore:
@@ -100,9 +173,7 @@ class OutboxStore:
             if want <= 0:
                 return Exchanged([], lost)
             hold = connection.execute(
-                select(pairs.c.held_at, pairs.c.approved_at).where(
-                    pairs.c.destination_id == destination_id, pairs.c.audience_id == audience_id
-                )
+                _HOLD, {"destination_id": destination_id, "audience_id": audience_id}
             ).one_or_none()
             if hold is not None and hold.held_at is not None and hold.approved_at is None:
                 return Exchanged([], lost, held=True)
@@ -119,45 +190,17 @@ class OutboxStore:
         want: int,
         after_id: int,
     ) -> list[QueuedChange]:
-        o = outbox.c
-        # Outer joins on primary keys, not EXISTS under OR: PostgreSQL would hash the whole
-        # audience (and every deleted user) for each claim of a few rows.
-        member, deleted = _m, deleted_users
-        chosen = (
-            select(o.id)
-            .select_from(
-                outbox.outerjoin(
-                    member, and_(member.c.audience_id == audience_id, member.c.user_id == o.user_id)
-                ).outerjoin(deleted, deleted.c.user_id == o.user_id)
-            )
-            .where(
-                o.destination_id == destination_id,
-                o.audience_id == audience_id,
-                o.status == ChangeStatus.PENDING.value,
-                o.id > after_id,
-                unclaimed(outbox),
-                deleted.c.user_id.is_(None),
-                or_(
-                    and_(o.value == TRUE, member.c.user_id.is_not(None)),
-                    and_(o.value == FALSE, member.c.user_id.is_(None)),
-                ),
-            )
-            .order_by(o.id)
-            .limit(want)
-            .with_for_update(of=outbox, skip_locked=True)
-        )
+        parameters = {"destination_id": destination_id, "audience_id": audience_id}
         # Chosen first, then updated by id: an UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR
         # UPDATE SKIP LOCKED) may rescan its subquery on PostgreSQL and claim more than n rows.
-        ids = connection.execute(chosen).scalars().all()
+        ids = (
+            connection.execute(_CLAIMABLE, {**parameters, "after_id": after_id, "want": want})
+            .scalars()
+            .all()
+        )
         if not ids:
             return []
-        rows = connection.execute(
-            update(outbox)
-            .where(o.id.in_(ids))
-            # A run-out claim being taken over may have been sent by its dead claimer.
-            .values(attempted=or_(o.attempted, o.claim_token.is_not(None)), **claim_values(claim))
-            .returning(o.id, o.user_id, o.value, o.anonymous_id, o.email, o.created_at)
-        ).all()
+        rows = connection.execute(_CLAIM, {"ids": ids, **claim_parameters(claim)}).all()
         return sorted((QueuedChange(*row) for row in rows), key=lambda change: change.change_id)
 
     def _record(
@@ -228,38 +271,15 @@ class OutboxStore:
     def _accepted(
         self, connection: Connection, destination_id: int, change_ids: list[int], now: datetime
     ) -> None:
-        o = outbox.c
-        rows = connection.execute(
-            delete(outbox)
-            .where(o.id.in_(change_ids))
-            .returning(o.id, o.audience_id, o.user_id, o.value, o.anonymous_id, o.email)
-        ).all()
+        rows = connection.execute(_ACCEPT, {"ids": change_ids}).all()
         # Checked after the rows were taken: a delete-user that committed meanwhile is seen
         # here, and one still running waits for this transaction and then removes what it wrote.
         users = sorted({row.user_id for row in rows})
-        deleted = set(
-            connection.execute(
-                select(deleted_users.c.user_id).where(deleted_users.c.user_id.in_(users))
-            ).scalars()
-        )
+        deleted = set(connection.execute(_DELETED_AMONG, {"users": users}).scalars())
         told = [row for row in rows if row.user_id not in deleted]
         if told:
-            upsert = dialect_insert(connection, state)
             connection.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=["destination_id", "audience_id", "user_id"],
-                    set_={
-                        name: upsert.excluded[name]
-                        for name in (
-                            "value",
-                            "unsure",
-                            "anonymous_id",
-                            "email",
-                            "message_id",
-                            "told_at",
-                        )
-                    },
-                ),
+                _UPSERT_TOLD[connection.dialect.name],
                 [
                     {
                         "destination_id": destination_id,
@@ -275,11 +295,7 @@ class OutboxStore:
                     for row in told
                 ],
             )
-        connection.execute(
-            update(destinations)
-            .where(destinations.c.id == destination_id, destinations.c.refused_status.is_not(None))
-            .values(refused_status=None, refused_at=None, refused_error=None)
-        )
+        connection.execute(_CLEAR_REFUSAL, {"destination_id": destination_id})
 
     def status_counts(self, destination_id: int, audience_id: str) -> dict[ChangeStatus, int]:
         """How many queued changes of one (URL, audience) are pending, rejected or parked."""

@@ -28,7 +28,7 @@ from syncer.core.states import PairState, RunStatus
 from syncer.core.traits import KeyProblem
 from syncer.core.urls import canonical_url
 from syncer.delivery.sender import RetryPolicy, UrlSender
-from syncer.delivery.transport import HttpxTransport, Transport
+from syncer.delivery.transport import AiohttpTransport, Transport
 from syncer.errors import ConfigError
 from syncer.settings import Settings
 from syncer.store import Store
@@ -60,6 +60,17 @@ async def gather_or_cancel(coroutines: Sequence[Coroutine[object, object, T]]) -
     except BaseExceptionGroup as failures:
         raise failures.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def run_event_loop(work: Coroutine[object, object, T]) -> T:
+    """Run ``work`` to completion on a new event loop: uvloop's where it is installed (it takes
+    a third off the cost of each request), asyncio's own otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # e.g. on Windows, where uvloop does not exist
+        return asyncio.run(work)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(work)
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,7 @@ class SyncEngine:
         # Building a TLS context costs tens of milliseconds: one serves every URL and run.
         if self._tls is None:
             self._tls = ssl.create_default_context(cafile=certifi.where())
-        return HttpxTransport(
+        return AiohttpTransport(
             timeout_seconds=self.settings.delivery.timeout_seconds,
             max_connections=self.settings.delivery.concurrency,
             tls=self._tls,
@@ -193,7 +204,7 @@ class SyncEngine:
         """Run one sync to completion (or until stopped) and return what it did."""
         if options.dry_run:
             return self.dry_run(options, emit or (lambda *_: None))
-        return asyncio.run(self._tracked(self.run_async(options, progress)))
+        return run_event_loop(self._tracked(self.run_async(options, progress)))
 
     async def _tracked(self, work: Coroutine[object, object, T]) -> T:
         # Remember the loop and task, so that request_stop can cancel from another thread.
@@ -362,7 +373,7 @@ class SyncEngine:
         A URL that does not accept its delete now gets it on a later run: the debt is in the
         database, so a deletion is never lost.
         """
-        return asyncio.run(self._tracked(self._delete_users(user_ids)))
+        return run_event_loop(self._tracked(self._delete_users(user_ids)))
 
     async def _delete_users(self, user_ids: Sequence[str]) -> SyncReport:
         context, store = self.context, self.store
