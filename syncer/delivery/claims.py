@@ -44,7 +44,7 @@ def chunk_size(concurrency: int) -> int:
 
     Each exchange records and claims about half of it; at 64 a transaction serves 32 requests
     or more, which keeps the database's share of a request small."""
-    return max(2 * concurrency, 64)
+    return max(2 * concurrency, 128)
 
 
 async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int) -> None:

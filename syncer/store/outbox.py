@@ -20,6 +20,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    not_,
     or_,
     select,
     update,
@@ -308,6 +309,21 @@ class OutboxStore:
                 .group_by(outbox.c.status)
             )
             return {ChangeStatus(row[0]): int(row[1]) for row in rows}
+
+    def claimed_elsewhere(self, destination_id: int, audience_id: str) -> int:
+        """How many pending changes of one (URL, audience) a live claim holds: another worker
+        is sending them (this worker holds none once its delivery loop has ended)."""
+        with reading(self.engine) as connection:
+            return int(
+                connection.execute(
+                    select(func.count()).where(
+                        outbox.c.destination_id == destination_id,
+                        outbox.c.audience_id == audience_id,
+                        outbox.c.status == ChangeStatus.PENDING.value,
+                        not_(unclaimed(outbox)),
+                    )
+                ).scalar_one()
+            )
 
     def requeue(self, destination_ids: Sequence[int] | None, audience_id: str | None) -> int:
         """Put rejected and parked changes back in line; return how many."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from syncer.core.outcomes import Outcome, OutcomeKind
@@ -13,10 +15,15 @@ from syncer.store.outbox import QueuedChange
 from syncer.store.planning import PlanOutcome
 from syncer.store.sql import utcnow
 from syncer.sync.claiming import send_under
-from syncer.sync.context import Progress, RunContext
+from syncer.sync.context import Progress, RunContext, holder_is_dead
 from syncer.sync.reports import PairReport
 
 log = structlog.get_logger("syncer.sync")
+
+# While another worker holds some of a pair's changes, a worker that has run out of changes to
+# claim looks again this often: it takes over what is released or runs out, and ends when the
+# pair's outbox is empty (or holds only what waits for the next run).
+JOIN_POLL_SECONDS = 0.25
 
 # A pair whose changes went stale between plan and send (upstream changed meanwhile) is planned
 # once more in the same run; anything still left then waits for the next run.
@@ -64,6 +71,9 @@ async def sync_pair(
         else:
             progress.planned(sender.url, plan.new_entered + plan.new_exited)
         await _deliver(context, sender, destination_id, audience_id, key, report, progress)
+        await _wait_for_other_workers(
+            context, sender, destination_id, audience_id, key, report, progress
+        )
         statuses = await context.db(store.outbox.status_counts, destination_id, audience_id)
         report.pending = statuses.get(ChangeStatus.PENDING, 0)
         report.rejected = statuses.get(ChangeStatus.REJECTED, 0)
@@ -80,6 +90,30 @@ async def sync_pair(
         )
     _settle_state(report, sender)
     return report
+
+
+async def _wait_for_other_workers(
+    context: RunContext,
+    sender: UrlSender,
+    destination_id: int,
+    audience_id: str,
+    key: str,
+    report: PairReport,
+    progress: Progress,
+) -> None:
+    """Stay on the pair while other workers hold some of its changes: what they release, or
+    what their dead claims let go of, is ours to send; their answers settle the rest."""
+    store = context.store
+    while report.state is PairState.DONE and not sender.unavailable:
+        others = await context.db(store.outbox.claimed_elsewhere, destination_id, audience_id)
+        if not others:
+            return
+        if not report.joined:
+            report.joined = True
+            log.info("pair_shared", url=sender.url, audience_id=audience_id, held_by_others=others)
+        await context.db(store.claims.release_dead, holder_is_dead)
+        await asyncio.sleep(JOIN_POLL_SECONDS)
+        await _deliver(context, sender, destination_id, audience_id, key, report, progress)
 
 
 def _settle_state(report: PairReport, sender: UrlSender) -> None:

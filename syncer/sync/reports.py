@@ -32,6 +32,7 @@ class PairReport:
     invalid: int = 0  # members whose rows cannot be sent: not queued, reported every run
     invalid_example: str | None = None
     note: str = ""  # why, in words, when the state is not DONE
+    joined: bool = False  # another worker was sending this pair's changes too
 
 
 @dataclass
