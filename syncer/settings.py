@@ -172,6 +172,8 @@ class DeliverySettings(_Section):
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
     max_rejections: Annotated[int, Field(ge=1, le=1000)] = 5
     lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 120.0
+    # Requests per second per workflow URL, shared by every worker; 0 means no limit.
+    rate_limit_per_second: Annotated[float, Field(ge=0, le=100000)] = 0.0
 
     @field_validator("lease_seconds")
     @classmethod

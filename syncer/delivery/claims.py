@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.pacing import Slots
 from syncer.delivery.sender import UrlSender
 
 Ref = TypeVar("Ref")
@@ -35,16 +37,27 @@ class Outgoing(Generic[Ref]):
 
 Exchange = Callable[[list[tuple[Ref, Outcome]], int], Awaitable[list[Outgoing[Ref]]]]
 
+EXCHANGE_RETRY_SECONDS = 0.5
+MAX_FAILED_EXCHANGES = 5
+
 _CANCELLED = Outcome(OutcomeKind.RETRYABLE, None, "cancelled in flight", 1)
 _UNSENT = Outcome(OutcomeKind.NOT_SENT, detail="not sent: URL given up for this run")
+
+
+def paced(items: list[tuple[Ref, bytes]], slots: Slots | None, now: float) -> list[Outgoing[Ref]]:
+    """The items as outgoing, each not before its slot (``now`` on the event loop's clock)."""
+    if slots is None:
+        return [Outgoing(ref, body) for ref, body in items]
+    start = now + slots.delay
+    return [Outgoing(ref, body, start + n * slots.interval) for n, (ref, body) in enumerate(items)]
 
 
 def chunk_size(concurrency: int) -> int:
     """How many items one worker holds claimed per URL at most: the crash's duplicate bound.
 
-    Each exchange records and claims about half of it; at 64 a transaction serves 32 requests
-    or more, which keeps the database's share of a request small."""
-    return max(2 * concurrency, 128)
+    Each exchange records and claims about half of it, so a transaction serves twice
+    ``concurrency`` requests: that keeps the database's share of a request small."""
+    return 4 * concurrency
 
 
 async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int) -> None:
@@ -60,7 +73,13 @@ async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurr
     answered: list[tuple[Ref, Outcome]] = []
     exchanging: asyncio.Future[list[Outgoing[Ref]]] | None = None
     claimed: list[Outgoing[Ref]] | None = None
+    handed: list[tuple[Ref, Outcome]] = []
     failures: list[BaseException] = []
+    # A failed exchange (the database blipped) is retried, recording only, while what is in
+    # flight finishes under the claim's gate; given up once nothing can be sent any more.
+    exchange_error: BaseException | None = None
+    failed_exchanges = 0
+    retry_at = 0.0
     wakeup = asyncio.Event()
     wanted = 0
     exhausted = False
@@ -78,12 +97,16 @@ async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurr
         wakeup.set()
 
     def claims_in(future: asyncio.Future[list[Outgoing[Ref]]]) -> None:
-        nonlocal claimed
-        if not future.cancelled():
-            if (error := future.exception()) is not None:
-                failures.append(error)
-            else:
-                claimed = future.result()
+        nonlocal claimed, exchanging, exchange_error, failed_exchanges, retry_at, answered
+        if future.cancelled():
+            return
+        if (error := future.exception()) is not None:
+            exchange_error, exchanging = error, None
+            failed_exchanges += 1
+            retry_at = loop.time() + EXCHANGE_RETRY_SECONDS
+            answered = handed + answered
+        else:
+            claimed, exchange_error, failed_exchanges = future.result(), None, 0
         wakeup.set()
 
     try:
@@ -95,18 +118,27 @@ async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurr
                 waiting.extend(claimed)
                 claimed, exchanging = None, None
             wake_at = None
+            if exchange_error is not None:
+                if not in_flight and (
+                    sender.unavailable or failed_exchanges >= MAX_FAILED_EXCHANGES
+                ):
+                    raise exchange_error
+                if loop.time() >= retry_at:
+                    exchange_error = None  # try again, below
+                else:
+                    wake_at = retry_at
             if sender.unavailable and waiting:
                 answered.extend((item.ref, _UNSENT) for item in waiting)
                 waiting.clear()
             while waiting and len(in_flight) < concurrency:
                 if waiting[0].not_before > loop.time():
-                    wake_at = waiting[0].not_before
+                    wake_at = min(wake_at or math.inf, waiting[0].not_before)
                     break
                 item = waiting.popleft()
                 task = asyncio.create_task(sender.deliver(item.body))
                 in_flight[task] = item.ref
                 task.add_done_callback(answer_in)
-            if exchanging is None:
+            if exchanging is None and exchange_error is None:
                 held = len(waiting) + len(in_flight)
                 can_claim = not exhausted and not sender.unavailable
                 if (

@@ -22,7 +22,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.pacing import Slots
 from syncer.store.claims import RELEASED, Claim, claim_values, owned, unclaimed
+from syncer.store.pacing import reserve_slots
 from syncer.store.schema import DELETION_OWED, deleted_users, deletions, outbox, state
 from syncer.store.sql import db_epoch, dialect_insert, reading, writing
 
@@ -109,9 +111,11 @@ class DeletionStore:
         want: int,
         after_id: int,
         now: datetime,
-    ) -> tuple[list[OwedDeletion], int]:
+        rate_per_second: float = 0.0,
+    ) -> tuple[list[OwedDeletion], int, Slots | None]:
         """Record ``results`` and claim up to ``want`` owed deletes after ``after_id``, in one
-        transaction; return the claimed deletes and how many outcomes were refused (lost claim).
+        transaction; return the claimed deletes, how many outcomes were refused (lost claim),
+        and, with ``rate_per_second``, where the deletes go in the URL's paced schedule.
 
         A delete is not claimed while a change about the same user is claimed for the same URL:
         it goes out once that change's outcome is in.
@@ -119,7 +123,7 @@ class DeletionStore:
         with writing(self.engine) as connection:
             lost = self._record(connection, claim, results, now)
             if want <= 0:
-                return [], lost
+                return [], lost, None
             x = deletions.c
             chosen = (
                 select(x.id)
@@ -137,14 +141,18 @@ class DeletionStore:
             # Chosen first, then updated by id (see OutboxStore._claim).
             ids = connection.execute(chosen).scalars().all()
             if not ids:
-                return [], lost
+                return [], lost, None
             rows = connection.execute(
                 update(deletions)
                 .where(x.id.in_(ids))
                 .values(**claim_values(claim))
                 .returning(x.id, x.user_id, x.requested_at)
             ).all()
-        return sorted((OwedDeletion(*row) for row in rows), key=lambda d: d.deletion_id), lost
+            slots = None
+            if rows and rate_per_second > 0:
+                slots = reserve_slots(connection, destination_id, len(rows), rate_per_second)
+        claimed = sorted((OwedDeletion(*row) for row in rows), key=lambda d: d.deletion_id)
+        return claimed, lost, slots
 
     @staticmethod
     def _record(

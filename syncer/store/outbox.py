@@ -32,9 +32,11 @@ from sqlalchemy.sql.elements import BindParameter
 
 from syncer.core.diff import FALSE, TRUE
 from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.pacing import Slots
 from syncer.core.payload import message_id
 from syncer.core.states import ChangeStatus
 from syncer.store.claims import CLAIM_SET, RELEASED, Claim, claim_parameters, owned, unclaimed
+from syncer.store.pacing import reserve_slots
 from syncer.store.schema import (
     audience_memberships,
     deleted_users,
@@ -68,6 +70,7 @@ class Exchanged:
     claimed: list[QueuedChange]
     lost: int = 0
     held: bool = False
+    slots: Slots | None = None  # where the claimed changes go in the URL's paced schedule
 
 
 def _suppressed(user: ColumnElement[str]) -> ColumnElement[bool]:
@@ -161,6 +164,7 @@ class OutboxStore:
         after_id: int,
         now: datetime,
         max_rejections: int,
+        rate_per_second: float = 0.0,
     ) -> Exchanged:
         """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
         transaction: the send of each claimed change is decided here, against the state of now.
@@ -168,6 +172,7 @@ class OutboxStore:
         A change is claimed only if it is pending, no live claim holds it, its user is not
         deleted, the pair is not held, and it is still wanted (an entry for a member, an exit
         for a non-member): what upstream changed since the plan is left for the next plan.
+        With ``rate_per_second``, the claimed changes take that many slots of the URL's schedule.
         """
         with writing(self.engine) as connection:
             lost = self._record(connection, claim, destination_id, results, now, max_rejections)
@@ -178,9 +183,11 @@ class OutboxStore:
             ).one_or_none()
             if hold is not None and hold.held_at is not None and hold.approved_at is None:
                 return Exchanged([], lost, held=True)
-            return Exchanged(
-                self._claim(connection, claim, destination_id, audience_id, want, after_id), lost
-            )
+            claimed = self._claim(connection, claim, destination_id, audience_id, want, after_id)
+            slots = None
+            if claimed and rate_per_second > 0:
+                slots = reserve_slots(connection, destination_id, len(claimed), rate_per_second)
+            return Exchanged(claimed, lost, slots=slots)
 
     @staticmethod
     def _claim(

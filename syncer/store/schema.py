@@ -73,6 +73,9 @@ destinations = Table(
     Column("refused_status", Integer, nullable=True),
     Column("refused_at", DateTime, nullable=True),
     Column("refused_error", Text, nullable=True),
+    # Pacing: the database-clock moment (epoch seconds) from which this URL's next request may
+    # go; every worker advances it for the chunk it is about to send.
+    Column("next_send_at", Double, nullable=True),
 )
 
 audience_keys = Table(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import delete_body
-from syncer.delivery.claims import Outgoing
+from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
 from syncer.store.deletions import OwedDeletion
 from syncer.store.sql import utcnow
@@ -29,7 +31,7 @@ async def deliver_deletions(
         nonlocal cursor
         if want:
             keeper.starting()
-        claimed, lost = await context.db(
+        claimed, lost, slots = await context.db(
             store.deletions.exchange,
             claim,
             destination_id,
@@ -37,6 +39,7 @@ async def deliver_deletions(
             want=want,
             after_id=cursor,
             now=utcnow(),
+            rate_per_second=delivery.rate_limit_per_second,
         )
         if lost:
             keeper.mark_lost()
@@ -44,10 +47,11 @@ async def deliver_deletions(
         report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
         if claimed:
             cursor = claimed[-1].deletion_id
-        return [
-            Outgoing(d, delete_body(d.user_id, d.deletion_id, d.requested_at, store.namespace))
+        bodies = [
+            (d, delete_body(d.user_id, d.deletion_id, d.requested_at, store.namespace))
             for d in claimed
         ]
+        return paced(bodies, slots, asyncio.get_running_loop().time())
 
     await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
     report.pending = await context.db(store.deletions.owed_count, destination_id)

@@ -9,7 +9,7 @@ import structlog
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import Computation, TraitChange, identify_body
 from syncer.core.states import ChangeStatus, PairState
-from syncer.delivery.claims import Outgoing
+from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
 from syncer.store.outbox import QueuedChange
 from syncer.store.planning import PlanOutcome
@@ -164,6 +164,7 @@ async def _deliver(
             after_id=cursor,
             now=utcnow(),
             max_rejections=delivery.max_rejections,
+            rate_per_second=delivery.rate_limit_per_second,
         )
         if exchanged.lost:
             keeper.mark_lost()
@@ -177,10 +178,11 @@ async def _deliver(
         progress.advanced(sender.url, len(results))
         if exchanged.claimed:
             cursor = exchanged.claimed[-1].change_id
-        return [
-            Outgoing(change, identify_body(computation, _trait_change(change), store.namespace))
+        bodies = [
+            (change, identify_body(computation, _trait_change(change), store.namespace))
             for change in exchanged.claimed
         ]
+        return paced(bodies, exchanged.slots, asyncio.get_running_loop().time())
 
     await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
 

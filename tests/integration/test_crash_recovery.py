@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from syncer.delivery.claims import chunk_size
 from syncer.store import Store
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream
@@ -40,10 +41,10 @@ CONCURRENCY = 8
 DELAY_SECONDS = 0.002
 PATH = "/wf"
 
-# How many users may be sent twice. A worker keeps at most CONCURRENCY changes claimed per URL at
-# any moment (in flight, or answered and not yet recorded: syncer.delivery.claims), and the next
-# run sends again only what the killed process had claimed and not recorded.
-RESENT_BOUND = CONCURRENCY
+# How many users may be sent twice. A worker keeps at most one chunk of changes claimed per URL
+# at any moment (waiting, in flight, or answered and not yet recorded: syncer.delivery.claims),
+# and the next run sends again only what the killed process had claimed, sent and not recorded.
+RESENT_BOUND = chunk_size(CONCURRENCY)
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
@@ -97,7 +98,7 @@ def test_kill_9_mid_sync_then_next_run_completes_resending_only_the_unrecorded(
     assert {user for user, _ in told_before} <= set(first_received)
     # Its claims are still there, held by a process that no longer exists.
     claims = query(engine, "select claimed_by from syncer_outbox where claim_token is not null")
-    assert 0 < len(claims) <= CONCURRENCY, claims
+    assert 0 < len(claims) <= RESENT_BOUND, claims
     assert all(holder.split(":")[1] == str(killed_pid) for (holder,) in claims), claims
 
     resumed = syncer(settings, "sync")

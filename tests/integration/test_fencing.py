@@ -45,6 +45,7 @@ from syncer.core.guard import GuardLimits
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import message_id
 from syncer.core.states import PairState
+from syncer.delivery.claims import chunk_size
 from syncer.settings import CLAIM_SAFETY_SECONDS
 from syncer.store import Store
 from syncer.store.claims import Claim
@@ -262,34 +263,33 @@ def test_a_stuck_claimers_rows_are_sent_only_after_its_claim_runs_out(
     assert len(held) == STUCK_ROWS
     held_users = sorted(change.user_id for change in held)
 
-    before_expiry = run_sync(store, [url])
-
-    assert live_claims(engine) == STUCK_ROWS, (
-        "the stuck claim ran out during the first run: the machine is too slow for this test"
-    )
-    assert sorted(by_user(standin.received(PATH))) == sorted(set(users) - set(held_users))
-    [pair] = before_expiry.pairs
-    assert pair.pending == STUCK_ROWS
-    assert not before_expiry.fully_delivered
-
-    wait_until(
-        lambda: live_claims(engine) == 0,
-        STUCK_TTL + 10,
-        "the stuck claim to run out on the database's clock",
-    )
-    standin.clear()
     # The workflow holds its answers to the taken-over rows until the stuck worker has woken.
     stuck_worker_done = threading.Event()
     in_flight: list[bytes] = []
+    held_set = set(held_users)
 
     def workflow(_path: str, body: bytes) -> Reply:
-        in_flight.append(body)  # the stand-in records a request once this returns
-        stuck_worker_done.wait(timeout=4)
+        if json.loads(body)["userId"] in held_set:
+            in_flight.append(body)  # the stand-in records a request once this returns
+            stuck_worker_done.wait(timeout=4)
         return Reply()
 
     standin.respond(PATH, workflow)
+    # A run finds the stuck rows claimed: it sends the rest, then stays on the pair, and takes
+    # the stuck rows over only once their claim has run out on the database's clock.
     after_expiry = SyncInThread(database_url, [url], {})
-    wait_until(lambda: len(in_flight) == STUCK_ROWS, 15, "the rows to be sent again")
+    others = sorted(set(users) - held_set)
+    wait_until(lambda: sorted(by_user(standin.received(PATH))) == others, 15, "the unclaimed rows")
+    # Once the run has recorded the rest, only the stuck claim is left.
+    wait_until(lambda: live_claims(engine) <= STUCK_ROWS, 5, "the rest to be recorded")
+    assert live_claims(engine) == STUCK_ROWS, (
+        "the stuck claim ran out before the run sent the rest: the machine is too slow"
+    )
+    assert not in_flight
+    wait_until(lambda: len(in_flight) == STUCK_ROWS, STUCK_TTL + 15, "the rows to be sent again")
+    # They went out under a claim of the run's own: the stuck one no longer holds them.
+    tokens = query(engine, "select claim_token from syncer_outbox where claim_token is not null")
+    assert len(tokens) == STUCK_ROWS and stuck.token not in {token for (token,) in tokens}
 
     # The stuck worker wakes up while the new holder is sending, and records what it thinks it
     # delivered: refused (the rows are another claim's now), and nothing is written.
@@ -306,8 +306,11 @@ def test_a_stuck_claimers_rows_are_sent_only_after_its_claim_runs_out(
     assert late.lost == STUCK_ROWS
     assert late.claimed == []
     assert snapshot(engine) == while_taken
-    assert after_expiry.wait(timeout=30).fully_delivered
-    received = standin.received(PATH)
+    report = after_expiry.wait(timeout=30)
+    assert report.fully_delivered
+    [pair] = report.pairs
+    assert (pair.delivered, pair.pending, pair.joined) == (len(users), 0, True)
+    received = [item for item in standin.received(PATH) if item.message["userId"] in held_set]
     assert sorted(item.message["userId"] for item in received) == held_users
     # The same messageIds the stuck worker would have sent: a URL that got its requests too
     # drops these as duplicates.
@@ -487,7 +490,7 @@ def test_a_delete_outcome_under_a_claim_taken_over_is_refused(
     worker_b = Claim.new("host-b:2:b", 60.0)
 
     def claim_deletes(claim: Claim, want: int) -> list[OwedDeletion]:
-        claimed, _ = store.deletions.exchange(
+        claimed, _, _ = store.deletions.exchange(
             claim, destination_id, results=[], want=want, after_id=0, now=utcnow()
         )
         return claimed
@@ -500,7 +503,7 @@ def test_a_delete_outcome_under_a_claim_taken_over_is_refused(
     )
     before = snapshot(engine)
 
-    _, lost = store.deletions.exchange(
+    _, lost, _ = store.deletions.exchange(
         worker_a,
         destination_id,
         results=[(i, OUTCOMES[late_outcome]) for i in ids],
@@ -512,7 +515,7 @@ def test_a_delete_outcome_under_a_claim_taken_over_is_refused(
     assert lost == 2
     assert snapshot(engine) == before
     assert store.deletions.owed_count(destination_id) == 2
-    _, lost = store.deletions.exchange(
+    _, lost, _ = store.deletions.exchange(
         worker_b,
         destination_id,
         results=[(i, DELIVERED) for i in ids],
@@ -693,7 +696,8 @@ def test_a_worker_cut_off_from_the_database_stops_before_its_claim_can_run_out(
     twice = sorted(
         user for user, copies in grouped.items() if sum(item.processed for item in copies) > 1
     )
-    assert len(twice) <= CUT_CONCURRENCY, twice
+    # At most what it held claimed: one chunk.
+    assert len(twice) <= chunk_size(CUT_CONCURRENCY), twice
     assert query(engine, "select count(*) from syncer_outbox") == [(0,)]
     assert sorted(query(engine, "select user_id, value from syncer_state")) == [
         (user, "true") for user in users

@@ -468,7 +468,7 @@ TIMED_OUT = Outcome(OutcomeKind.RETRYABLE, None, "timed out", attempts=3)
 
 def _claim_deletes(store: Store, history: History, results: list[tuple[int, Outcome]]) -> list[str]:
     after = max((i for i, _ in results), default=0)
-    claimed, lost = store.deletions.exchange(
+    claimed, lost, _ = store.deletions.exchange(
         history.claim, history.configured, results=results, want=10, after_id=after, now=utcnow()
     )
     assert lost == 0
