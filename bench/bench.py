@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import itertools
 import json
 import os
@@ -211,6 +212,7 @@ class Context:
     fast: Sink | None = None
     fast_kind: str = "none"
     raw_rate: float | None = None
+    load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])
     first_sqlite: FirstSync | None = None
     rows: list[Row] = field(default_factory=list)
     _names: Iterator[int] = field(default_factory=itertools.count)
@@ -699,6 +701,7 @@ def churn_1pct(ctx: Context) -> None:
         raise ScenarioError("needs first_sync_sqlite, which did not complete")
     sink = ctx.need_fast()
     changes = churn_sqlite(first.database, first.layout, 0.01)
+    migrate(ctx, first.settings)  # untimed: the syncer may have gained a migration meanwhile
     before = sink.request_count()
     wall, exits = run_syncers(ctx, first.settings)
     received = sink.request_count() - before
@@ -776,6 +779,8 @@ def two_workers_postgres(ctx: Context) -> None:
         settings, _ = prepare(ctx, "two-workers-two", "postgres", layout, urls)
         wall_two, exits_two = run_syncers(ctx, settings, 2)
         two = sink.stats()
+    if not one["count"]:
+        raise ScenarioError(f"one process delivered nothing ({', '.join(problems_of(exits_one))})")
     rate_one, rate_two = one["count"] / wall_one, two["count"] / wall_two
     one_text = f"one: {rate_one:,.0f} ev/s ({wall_one:.1f} s)"
     two_text = f"two: {rate_two:,.0f} ev/s ({wall_two:.1f} s)"
@@ -835,7 +840,9 @@ def pacing(ctx: Context) -> None:
         log(f"  pacing, one process on SQLite: {stats['rate'] or 0:,.1f}/s")
         ctx.rows.append(pacing_row("pacing_sqlite", members, stats, exits))
         if ctx.postgres_url is None:
-            ctx.rows.append(Row("pacing_postgres_two", "-", "-", "-", "skipped: no PostgreSQL"))
+            ctx.rows.append(
+                Row("pacing_postgres_two", "-", "-", "-", "skipped: PostgreSQL unreachable")
+            )
             return
         sink.reset()
         settings, _ = prepare(ctx, "pacing-postgres", "postgres", layout, urls, PACING_RATE)
@@ -855,6 +862,7 @@ def no_change_wall(ctx: Context, name: str, layout: Layout) -> tuple[float, list
     walls = []
     before = sink.request_count()
     for _ in range(NO_CHANGE_RUNS):
+        migrate(ctx, settings)  # untimed: the syncer may have gained a migration meanwhile
         wall, exits = run_syncers(ctx, settings)
         walls.append(wall)
         problems += problems_of(exits)
@@ -949,17 +957,34 @@ def syncer_revision() -> str:
     return commit + (" + uncommitted changes in syncer/" if dirty else "")
 
 
+def source_fingerprint() -> str:
+    """A hash of the syncer's code and migrations, to notice edits made during the run."""
+    digest = hashlib.sha1()
+    for path in sorted([*ROOT.glob("syncer/**/*.py"), *ROOT.glob("migrations/**/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def print_report(ctx: Context, seconds: float, interrupted: bool) -> None:
+def source_note(at_start: str) -> str:
+    at_end = source_fingerprint()
+    if at_end == at_start:
+        return ""
+    return f" -> {at_end}: THE SYNCER'S CODE CHANGED DURING THE RUN, figures may mix versions"
+
+
+def print_report(ctx: Context, seconds: float, interrupted: bool, source_at_start: str) -> None:
     raw = f"{ctx.raw_rate:,.0f} req/s" if ctx.raw_rate is not None else "not measured"
     lines = [
         f"machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), "
+        f"load average {ctx.load_at_start:.1f} at start, "
         f"Python {platform.python_version()}, fast sink: {ctx.fast_kind}, "
         f"raw baseline (aiohttp, asyncio, concurrency {ctx.concurrency}): {raw}",
-        f"syncer: {syncer_revision()}",
+        f"syncer: {syncer_revision()}, source {source_at_start}{source_note(source_at_start)}",
         f"command: {shlex.join([sys.executable, *sys.argv])}",
         "",
         "| scenario | measured | target | ratio | result |",
@@ -1011,6 +1036,7 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 def main() -> int:
     arguments = parse_arguments()
     started = time.perf_counter()
+    source_at_start = source_fingerprint()
     signal.signal(signal.SIGTERM, _interrupt)
     names = selected_scenarios(arguments.only)
     workdir = Path(tempfile.mkdtemp(prefix="syncer-bench-"))
@@ -1043,7 +1069,7 @@ def main() -> int:
     finally:
         stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-    print_report(ctx, time.perf_counter() - started, interrupted)
+    print_report(ctx, time.perf_counter() - started, interrupted, source_at_start)
     failed = any(row.result.startswith(("FAIL", "ERROR")) for row in ctx.rows)
     return 130 if interrupted else int(failed)
 

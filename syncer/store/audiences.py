@@ -95,6 +95,26 @@ class AudienceStore:
             ).scalar_one_or_none()
         return bool(locked == key)
 
+    def lock_keys(self, keys: dict[str, str], now: datetime) -> set[str]:
+        """:meth:`lock_key` for many audiences (id -> key) in one transaction; return the ids
+        whose key is theirs."""
+        if not keys:
+            return set()
+        with writing(self.engine) as connection:
+            connection.execute(
+                dialect_insert(connection, audience_keys).on_conflict_do_nothing(),
+                [
+                    {"audience_id": audience_id, "key": key, "locked_at": now}
+                    for audience_id, key in keys.items()
+                ],
+            )
+            locked = connection.execute(
+                select(audience_keys.c.audience_id, audience_keys.c.key).where(
+                    audience_keys.c.audience_id.in_(list(keys))
+                )
+            ).all()
+        return {audience_id for audience_id, key in locked if keys.get(audience_id) == key}
+
     def orphan_memberships(self, limit: int = 20) -> list[tuple[str, int]]:
         """(audience id, rows) for memberships whose audience does not exist."""
         ids = _MEMBERSHIP_AUDIENCES.subquery("membership_audiences")

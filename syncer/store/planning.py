@@ -54,6 +54,7 @@ from syncer.store.schema import (
 )
 from syncer.store.sql import (
     dialect_insert,
+    reading,
     retrying_serialization,
     rolled_back,
     row_problem,
@@ -353,6 +354,65 @@ class PlanStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def pairs_with_work(
+        self, destination_ids: list[int], audience_ids: list[str]
+    ) -> set[tuple[int, str]]:
+        """The (URL, audience) pairs a run must plan, found in a few set-based statements over
+        every pair at once: those with changes queued or rejected, those held, those with a
+        member the URL is not certainly told about, and those the URL may believe holds a user
+        who is no longer a member. Every other pair has nothing to do; planning it would
+        change nothing."""
+        if not destination_ids or not audience_ids:
+            return set()
+        o, s, d = outbox.c, state.c, destinations.c
+        wanted_pair = and_(o.destination_id.in_(destination_ids), o.audience_id.in_(audience_ids))
+        queued = (
+            select(o.destination_id, o.audience_id)
+            .where(
+                wanted_pair,
+                o.status.in_([ChangeStatus.PENDING.value, ChangeStatus.REJECTED.value]),
+            )
+            .distinct()
+        )
+        held = select(pairs.c.destination_id, pairs.c.audience_id).where(
+            pairs.c.destination_id.in_(destination_ids),
+            pairs.c.audience_id.in_(audience_ids),
+            pairs.c.held_at.is_not(None),
+        )
+        told = exists().where(
+            s.destination_id == d.id,
+            s.audience_id == _m.c.audience_id,
+            s.user_id == _m.c.user_id,
+            STATE_TOLD_TRUE,
+            s.unsure == false(),
+        )
+        entering = (
+            select(d.id, _m.c.audience_id)
+            .select_from(_m.join(destinations, true()))
+            .where(
+                d.id.in_(destination_ids),
+                _m.c.audience_id.in_(audience_ids),
+                not_(told),
+                not_(exists().where(deleted_users.c.user_id == _m.c.user_id)),
+            )
+            .distinct()
+        )
+        leaving = (
+            select(s.destination_id, s.audience_id)
+            .where(
+                s.destination_id.in_(destination_ids),
+                s.audience_id.in_(audience_ids),
+                or_(STATE_TOLD_TRUE, STATE_UNSURE),
+                not_(exists().where(_m.c.audience_id == s.audience_id, _m.c.user_id == s.user_id)),
+            )
+            .distinct()
+        )
+        with reading(self.engine) as connection:
+            found: set[tuple[int, str]] = set()
+            for statement in (queued, held, entering, leaving):
+                found.update((int(row[0]), str(row[1])) for row in connection.execute(statement))
+            return found
 
     def plan(
         self,

@@ -88,15 +88,32 @@ class RunStore:
         self, destination_id: int, audience_id: str, run_id: int, *, complete: bool, now: datetime
     ) -> None:
         """Note that a run worked on a (URL, audience), and whether it left nothing owed."""
+        self.record_pairs(destination_id, [audience_id], run_id, complete=complete, now=now)
+
+    def record_pairs(
+        self,
+        destination_id: int,
+        audience_ids: list[str],
+        run_id: int,
+        *,
+        complete: bool,
+        now: datetime,
+    ) -> None:
+        """:meth:`record_pair` for many audiences of one URL, in one statement."""
+        if not audience_ids:
+            return
         with writing(self.engine) as connection:
             values: dict[str, Any] = {"last_run_id": run_id, "last_attempt_at": now}
             if complete:
                 values["last_success_at"] = now
-            statement = dialect_insert(connection, pairs).values(
-                destination_id=destination_id, audience_id=audience_id, **values
-            )
+            statement = dialect_insert(connection, pairs)
             connection.execute(
                 statement.on_conflict_do_update(
-                    index_elements=["destination_id", "audience_id"], set_=values
-                )
+                    index_elements=["destination_id", "audience_id"],
+                    set_={name: statement.excluded[name] for name in values},
+                ),
+                [
+                    {"destination_id": destination_id, "audience_id": audience_id, **values}
+                    for audience_id in audience_ids
+                ],
             )

@@ -249,9 +249,11 @@ class SyncEngine:
         syncable, report = await context.db(self._resolve, options)
         urls = self.settings.tray.workflow_urls
         destination_ids = await context.db(store.destinations.ensure, urls, utcnow())
+        keys = {row.audience_id: key for row, key in syncable}
+        ours = await context.db(store.audiences.lock_keys, keys, utcnow())
         locked: list[tuple[AudienceRow, str]] = []
         for row, key in syncable:
-            if await context.db(store.audiences.lock_key, row.audience_id, key, utcnow()):
+            if row.audience_id in ours:
                 locked.append((row, key))
             else:
                 report.problems.append(KeyProblem(row.audience_id, f"key {key!r} was just taken"))
@@ -270,6 +272,14 @@ class SyncEngine:
                 owed_deletes=removed.owed_deletes,
                 hint="configure the URL again, or `syncer forget-url URL --yes`",
             )
+        # Only pairs with something to do are planned and sent: found for every pair at once.
+        with_work = None
+        if not options.full:
+            with_work = await context.db(
+                store.planning.pairs_with_work,
+                list(destination_ids.values()),
+                [row.audience_id for row, _ in locked],
+            )
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
         report.run_id = run_id
         transports = {url: self._transport_factory() for url in urls}
@@ -284,6 +294,7 @@ class SyncEngine:
                         locked,
                         options,
                         progress or NoProgress(),
+                        with_work,
                     )
                     for url in urls
                 ]
@@ -333,11 +344,17 @@ class SyncEngine:
         audiences: list[tuple[AudienceRow, str]],
         options: SyncOptions,
         progress: Progress,
+        with_work: set[tuple[int, str]] | None,
     ) -> tuple[DeletionReport, list[PairReport]]:
         context, store = self.context, self.store
         deletion_report = await deliver_deletions(context, sender, destination_id)
         reports = []
+        idle: list[str] = []
         for row, key in audiences:
+            if with_work is not None and (destination_id, row.audience_id) not in with_work:
+                reports.append(PairReport(url=sender.url, audience_id=row.audience_id, key=key))
+                idle.append(row.audience_id)
+                continue
             report = await sync_pair(
                 context,
                 sender,
@@ -356,6 +373,9 @@ class SyncEngine:
                 complete=report.state is PairState.DONE,
                 now=utcnow(),
             )
+        await context.db(
+            store.runs.record_pairs, destination_id, idle, run_id, complete=True, now=utcnow()
+        )
         if sender.refused is not None:
             log.error("url_refused", url=sender.url, status=sender.refused.status)
             await context.db(

@@ -422,6 +422,9 @@ def test_mass_exit_guard_holds_exits_of_a_reload_that_lands_during_the_run(
     assert sync_in_process(database_url, urls).fully_delivered  # B told everywhere
     standin.clear()
     feed.add(GROWING, *(f"a{n:02d}" for n in range(20)))
+    # B has work too when the run starts (a run plans only the pairs that have some), so it is
+    # planned after A is sent: after the reload.
+    feed.add(RELOADED, "b_new")
     # Each URL answers A's requests after 0.15 s, and from its fourth request on only once B
     # has been reloaded: the reload certainly lands while the run is still sending A.
     reloaded = threading.Event()
