@@ -13,7 +13,9 @@ _d = destinations.c
 _NEXT_FREE = (
     select(_d.next_send_at, db_epoch())
     .where(_d.id == bindparam("destination_id"))
-    .with_for_update()
+    # FOR NO KEY UPDATE: recording a delivery in the same transaction inserts state rows whose
+    # foreign key share-locks this row; FOR UPDATE would then deadlock two such workers.
+    .with_for_update(key_share=True)
 )
 _ADVANCE = (
     update(destinations)

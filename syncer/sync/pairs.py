@@ -107,6 +107,8 @@ async def _wait_for_other_workers(
     while report.state is PairState.DONE and not sender.unavailable:
         others = await context.db(store.outbox.claimed_elsewhere, destination_id, audience_id)
         if not others:
+            if report.joined:  # what ran out or was let go of since the last pass is ours now
+                await _deliver(context, sender, destination_id, audience_id, key, report, progress)
             return
         if not report.joined:
             report.joined = True

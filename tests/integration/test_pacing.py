@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,8 @@ from syncer.store.outbox import Exchanged
 from syncer.store.sql import utcnow
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream
+from tests.integration.cli_helpers import Result
 from tests.integration.fault_support import (
-    Result,
     assert_no_crash,
     by_user,
     is_whole,
@@ -162,7 +163,7 @@ def test_one_sync_sends_no_faster_than_the_rate(
 # b. Two syncs started together share the URL's rate
 
 
-TWO_SYNCS_MEMBERS = 240  # more than one chunk (128): both workers claim and reserve
+TWO_SYNCS_MEMBERS = 240  # many chunks (4 x concurrency each): both workers claim and reserve
 TWO_SYNCS_RATE = 60.0  # at least 3.98 s between the first and the last request
 
 
@@ -265,6 +266,8 @@ def test_rate_zero_paces_nothing_and_never_writes_the_schedule(
 
 STORE_RATE = 10.0
 CHUNK = 5
+# A slot every 100 s: a schedule that stays in the future however slow the machine is.
+SLOW_RATE = 0.01
 
 
 def plan_pair(store: Store, url: str) -> int:
@@ -281,6 +284,7 @@ def exchange(
     destination_id: int,
     results: list[tuple[int, Outcome]],
     want: int,
+    rate: float = STORE_RATE,
 ) -> Exchanged:
     """One exchange of a paced worker, as its delivery loop makes it."""
     return store.outbox.exchange(
@@ -292,7 +296,7 @@ def exchange(
         after_id=0,
         now=utcnow(),
         max_rejections=5,
-        rate_per_second=STORE_RATE,
+        rate_per_second=rate,
     )
 
 
@@ -402,9 +406,7 @@ def test_two_workers_recording_and_claiming_at_once_both_succeed_with_disjoint_s
     claimed = [c.change_id for chunk in first + second for c in chunk.claimed]
     assert len(claimed) == len(set(claimed)) == 4 * CHUNK
     # Everything the first chunks delivered is recorded.
-    assert query(engine, "select count(*) from syncer_state where value = 'true'") == [
-        (2 * CHUNK,)
-    ]
+    assert query(engine, "select count(*) from syncer_state where value = 'true'") == [(2 * CHUNK,)]
     # The four reservations are disjoint and never closer than one interval.
     moments = sorted(
         moment
@@ -412,7 +414,7 @@ def test_two_workers_recording_and_claiming_at_once_both_succeed_with_disjoint_s
         if chunk.slots is not None
         for moment in slot_moments(chunk.slots, len(chunk.claimed))
     )
-    gaps = [b - a for a, b in zip(moments, moments[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(moments)]
     assert min(gaps) >= 1 / STORE_RATE - 1e-6, gaps
     [after] = next_send_at(engine)
     assert after == pytest.approx(moments[-1] + 1 / STORE_RATE, abs=1e-6)
@@ -429,7 +431,7 @@ def test_changes_and_deletes_to_one_url_share_one_schedule(
     store.deletions.suppress(["gone-1", "gone-2", "gone-3"], [destination_id], utcnow())
     claim = Claim.new("host-a:101:a", 60)
 
-    changes = exchange(store, claim, destination_id, [], CHUNK)
+    changes = exchange(store, claim, destination_id, [], CHUNK, SLOW_RATE)
     deletes, lost, delete_slots = store.deletions.exchange(
         claim,
         destination_id,
@@ -437,9 +439,9 @@ def test_changes_and_deletes_to_one_url_share_one_schedule(
         want=CHUNK,
         after_id=0,
         now=utcnow(),
-        rate_per_second=STORE_RATE,
+        rate_per_second=SLOW_RATE,
     )
-    more_changes = exchange(store, claim, destination_id, [], CHUNK)
+    more_changes = exchange(store, claim, destination_id, [], CHUNK, SLOW_RATE)
 
     assert (len(changes.claimed), len(deletes), lost, len(more_changes.claimed)) == (
         CHUNK,
@@ -449,8 +451,9 @@ def test_changes_and_deletes_to_one_url_share_one_schedule(
     )
     assert changes.slots is not None and delete_slots is not None
     assert more_changes.slots is not None
-    # Claimed well within one chunk's span of each other: each starts where the last ended.
-    assert delete_slots.next_free == pytest.approx(changes.slots.next_free + 3 / STORE_RATE)
-    assert more_changes.slots.next_free == pytest.approx(
-        delete_slots.next_free + CHUNK / STORE_RATE
-    )
+    # Each reservation starts where the last one ended (hundreds of seconds ahead).
+    assert delete_slots.delay > 0 and more_changes.slots.delay > 0
+    assert delete_slots.next_free == pytest.approx(changes.slots.next_free + 3 / SLOW_RATE)
+    assert more_changes.slots.next_free == pytest.approx(delete_slots.next_free + CHUNK / SLOW_RATE)
+    [after] = next_send_at(store.engine)
+    assert after == pytest.approx(more_changes.slots.next_free)

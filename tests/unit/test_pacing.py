@@ -22,7 +22,7 @@ import math
 from itertools import pairwise
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncer.core.pacing import Slots, reserve
@@ -156,6 +156,7 @@ def interleavings(draw: st.DrawFn) -> tuple[float, list[tuple[int, float, int]]]
     return rate, steps
 
 
+@settings(deadline=None)  # pure and quick, but the machine is shared: no per-example deadline
 @given(interleavings(), st.sampled_from([0.0, 1000.0, EPOCH]))
 def test_interleaved_workers_never_get_slots_closer_than_one_interval(
     scenario: tuple[float, list[tuple[int, float, int]]], start: float
