@@ -142,7 +142,7 @@ async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurr
                 held = len(waiting) + len(in_flight)
                 can_claim = not exhausted and not sender.unavailable
                 if (
-                    (can_claim and chunk - held >= chunk // 2)
+                    (can_claim and chunk - held >= chunk // 4)
                     or (not held and answered)
                     or len(answered) >= chunk
                 ):

@@ -59,6 +59,8 @@ class UrlSender:
         self.stopped = False
         self.refused: Outcome | None = None
         self.gate_closed = False
+        # Whether a delivery in this run has already cleared a refusal recorded for the URL.
+        self.refusal_cleared = False
         self.gate: Callable[[], bool] = lambda: True
         self._refusals_in_a_row = 0
         self._transport = transport

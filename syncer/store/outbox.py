@@ -122,6 +122,12 @@ _ACCEPT = (
     .where(_o.id.in_(_ids))
     .returning(_o.id, _o.audience_id, _o.user_id, _o.value, _o.anonymous_id, _o.email)
 )
+_ACCEPT_MINE = (
+    delete(outbox)
+    .where(_o.id.in_(_ids), _o.claim_token == bindparam("claim_token_"))
+    .returning(_o.id, _o.audience_id, _o.user_id, _o.value, _o.anonymous_id, _o.email)
+)
+_OWNED_ROWS = select(_o.id).where(_o.id.in_(_ids))
 _DELETED_AMONG = select(deleted_users.c.user_id).where(
     deleted_users.c.user_id.in_(bindparam("users", expanding=True))
 )
@@ -165,6 +171,7 @@ class OutboxStore:
         now: datetime,
         max_rejections: int,
         rate_per_second: float = 0.0,
+        clear_refusal: bool = True,
     ) -> Exchanged:
         """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
         transaction: the send of each claimed change is decided here, against the state of now.
@@ -173,9 +180,13 @@ class OutboxStore:
         deleted, the pair is not held, and it is still wanted (an entry for a member, an exit
         for a non-member): what upstream changed since the plan is left for the next plan.
         With ``rate_per_second``, the claimed changes take that many slots of the URL's schedule.
+        ``clear_refusal``: a delivery clears a refusal recorded for the URL (a worker asks once
+        per run, on its first delivery, to save the statement on every exchange).
         """
         with writing(self.engine) as connection:
             lost = self._record(connection, claim, destination_id, results, now, max_rejections)
+            if clear_refusal and any(o.kind is OutcomeKind.DELIVERED for _, o in results):
+                connection.execute(_CLEAR_REFUSAL, {"destination_id": destination_id})
             if want <= 0:
                 return Exchanged([], lost)
             hold = connection.execute(
@@ -222,6 +233,15 @@ class OutboxStore:
     ) -> int:
         if not results:
             return 0
+        if all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):
+            # The common case in one statement: take the rows this claim still owns.
+            ids = [change_id for change_id, _ in results]
+            taken = self._accepted(connection, destination_id, ids, now, claim)
+            if taken == len(ids):
+                return 0
+            # Rows gone are superseded; rows still there belong to another claim now.
+            left = connection.execute(_OWNED_ROWS, {"ids": ids}).scalars().all()
+            return len(left)
         ownership = owned(connection, outbox, [change_id for change_id, _ in results], claim)
         mine = ownership.mine
         delivered = [
@@ -277,9 +297,20 @@ class OutboxStore:
         return ownership.taken_over
 
     def _accepted(
-        self, connection: Connection, destination_id: int, change_ids: list[int], now: datetime
-    ) -> None:
-        rows = connection.execute(_ACCEPT, {"ids": change_ids}).all()
+        self,
+        connection: Connection,
+        destination_id: int,
+        change_ids: list[int],
+        now: datetime,
+        claim: Claim | None = None,
+    ) -> int:
+        """Record deliveries; with ``claim``, only of the rows it still owns. Return how many."""
+        if claim is None:
+            rows = connection.execute(_ACCEPT, {"ids": change_ids}).all()
+        else:
+            rows = connection.execute(
+                _ACCEPT_MINE, {"ids": change_ids, "claim_token_": claim.token}
+            ).all()
         # Checked after the rows were taken: a delete-user that committed meanwhile is seen
         # here, and one still running waits for this transaction and then removes what it wrote.
         users = sorted({row.user_id for row in rows})
@@ -303,7 +334,7 @@ class OutboxStore:
                     for row in told
                 ],
             )
-        connection.execute(_CLEAR_REFUSAL, {"destination_id": destination_id})
+        return len(rows)
 
     def status_counts(self, destination_id: int, audience_id: str) -> dict[ChangeStatus, int]:
         """How many queued changes of one (URL, audience) are pending, rejected or parked."""

@@ -64,6 +64,8 @@ from syncer.store.sql import (
 # Two plans of one pair are never less than this apart in their changes' timestamps, so a
 # compensating change is always newer than the one it corrects, whatever the hosts' clocks say.
 TIMESTAMP_STEP = timedelta(milliseconds=1)
+# A plan that queued at least this many changes refreshes the outbox's statistics.
+ANALYZE_AFTER_QUEUED = 1000
 _m = audience_memberships
 
 
@@ -169,7 +171,18 @@ def _new_change(pair: _Pair, value: str, forced: bool, now: datetime) -> list[An
 
 def _insert_changes(connection: Connection, select_: Any) -> int:
     counted = connection.execution_options(preserve_rowcount=True)
-    return int(counted.execute(insert(outbox).from_select(_OUTBOX_COLUMNS, select_)).rowcount)
+    postgresql = connection.dialect.name == "postgresql"
+    if postgresql:
+        # The statement reads the outbox it writes to (to skip users already queued). With the
+        # outbox nearly empty when statistics were taken, PostgreSQL would rescan it for every
+        # row read, walking the rows the statement has just inserted: quadratic, 6 s for 30,000
+        # members. Index lookups (or one hash of it) stay linear.
+        connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    try:
+        return int(counted.execute(insert(outbox).from_select(_OUTBOX_COLUMNS, select_)).rowcount)
+    finally:
+        if postgresql:
+            connection.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")
 
 
 def _ensure_pair(connection: Connection, destination_id: int, audience_id: str) -> None:
@@ -453,7 +466,18 @@ class PlanStore:
                 )
                 return PlanResult(PlanOutcome.HELD, hold_reason=reason)
 
-        return retrying_serialization(attempt)
+        result = retrying_serialization(attempt)
+        if result.new_entered + result.new_exited >= ANALYZE_AFTER_QUEUED:
+            self._analyze_outbox()
+        return result
+
+    def _analyze_outbox(self) -> None:
+        # The statistics taken at the start of the run saw the outbox before this plan filled
+        # it: with them, PostgreSQL claims each chunk by sorting the whole pending outbox
+        # (50 ms a chunk at 30,000 rows) instead of walking the pair's index (under 1 ms).
+        if self.engine.dialect.name == "postgresql":
+            with writing(self.engine) as connection:
+                connection.exec_driver_sql("ANALYZE syncer_outbox")
 
     def dry_run(
         self,

@@ -167,7 +167,10 @@ async def _deliver(
             now=utcnow(),
             max_rejections=delivery.max_rejections,
             rate_per_second=delivery.rate_limit_per_second,
+            clear_refusal=not sender.refusal_cleared,
         )
+        if any(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):
+            sender.refusal_cleared = True
         if exchanged.lost:
             keeper.mark_lost()
             report.state = PairState.CLAIM_LOST
