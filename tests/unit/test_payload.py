@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from syncer.core.payload import (
     Computation,
@@ -14,6 +16,7 @@ from syncer.core.payload import (
     delete_body,
     format_timestamp,
     identify_body,
+    identify_message,
     message_id,
     user_input_problem,
 )
@@ -268,3 +271,55 @@ def test_user_input_problem_none_for_fine_ids(
     user_id: str, anonymous_id: str | None, email: str | None
 ) -> None:
     assert user_input_problem(user_id, anonymous_id, email) is None
+
+
+# --- the hot-path encoders, held to their plain references ---------------------------------
+
+_texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_texts, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(
+    key=st.sampled_from(["order_completed_last_30days", "email", "ünïcode_key", 'q"uote']),
+    user_id=_texts,
+    anonymous_id=st.none() | _texts,
+    email=st.none() | _texts,
+    value=_json_values,
+    change_id=st.integers(min_value=1, max_value=2**62),
+    moment=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)),
+)
+def test_identify_body_is_the_message_encoded(
+    key: str,
+    user_id: str,
+    anonymous_id: str | None,
+    email: str | None,
+    value: object,
+    change_id: int,
+    moment: datetime,
+) -> None:
+    computation = Computation("audience", "aud_1", key, "spa_x")
+    change = TraitChange(change_id, user_id, anonymous_id, email, json.dumps(value), moment)
+    namespace = uuid.UUID(int=change_id % 2**128)
+    expected = json.dumps(
+        identify_message(computation, change, namespace), ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+    assert identify_body(computation, change, namespace) == expected
+
+
+@pytest.mark.parametrize("kind", ["change", "delete"])
+@pytest.mark.parametrize("change_id", [0, 1, 42, 10**6, 2**63 - 1])
+@pytest.mark.parametrize("namespace", [uuid.UUID(int=0), uuid.UUID(int=2**128 - 1), NAMESPACE])
+def test_message_id_is_uuid5(kind: str, change_id: int, namespace: uuid.UUID) -> None:
+    assert message_id(namespace, change_id, kind) == str(
+        uuid.uuid5(namespace, f"{kind}:{change_id}")
+    )
+
+
+@given(st.datetimes(min_value=datetime(1000, 1, 1), max_value=datetime(9999, 12, 31)))
+def test_format_timestamp_is_strftime_with_milliseconds(moment: datetime) -> None:
+    expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    assert format_timestamp(moment) == expected
