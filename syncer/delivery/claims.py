@@ -3,9 +3,11 @@
 The caller's ``exchange(results, want)`` records the outcomes handed to it and claims up to
 ``want`` more items, in one transaction. The loop keeps at most ``chunk`` items claimed at any
 moment (waiting, in flight, or answered and not yet recorded) and at most ``concurrency`` in
-flight; it exchanges once half the chunk is free, while the requests already started go
-on, so the connections never wait for the database. A crash re-sends at most ``chunk`` items
-per URL and worker (those sent and not yet recorded). It knows nothing of audiences.
+flight; it exchanges once three quarters of the chunk are free (fewer, larger transactions
+measured faster on both databases than exchanging at a half or a quarter), while the requests
+already started go on, so the connections rarely wait for the database. A crash re-sends at
+most ``chunk`` items per URL and worker (those sent and not yet recorded). It knows nothing of
+audiences.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def paced(items: list[tuple[Ref, bytes]], slots: Slots | None, now: float) -> li
 def chunk_size(concurrency: int) -> int:
     """How many items one worker holds claimed per URL at most: the crash's duplicate bound.
 
-    Each exchange records and claims about half of it, so a transaction serves twice
-    ``concurrency`` requests: that keeps the database's share of a request small."""
+    Each exchange records and claims about three quarters of it, so a transaction serves three
+    times ``concurrency`` requests: that keeps the database's share of a request small."""
     return 4 * concurrency
 
 
@@ -142,7 +144,7 @@ async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurr
                 held = len(waiting) + len(in_flight)
                 can_claim = not exhausted and not sender.unavailable
                 if (
-                    (can_claim and chunk - held >= chunk // 4)
+                    (can_claim and chunk - held >= chunk * 3 // 4)
                     or (not held and answered)
                     or len(answered) >= chunk
                 ):
