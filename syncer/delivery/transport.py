@@ -1,8 +1,8 @@
 """The HTTP edge, behind a small interface so that the transport can change.
 
 Deliveries go through aiohttp: on this project's benchmark it sends about ten times what
-``httpx.AsyncClient`` does at the same concurrency (README, "Why aiohttp, not httpx"), and the rules of a
-delivery (no redirects, TLS verified, bounded reads and time) are all its own options.
+``httpx.AsyncClient`` does at the same concurrency (README, "Why aiohttp, not httpx"), and the
+rules of a delivery (no redirects, TLS verified, bounded reads and time) are all its options.
 """
 
 from __future__ import annotations

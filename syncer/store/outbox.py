@@ -23,9 +23,9 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
@@ -142,7 +142,24 @@ def _upsert_told(insert: Any) -> Any:
     )
 
 
-_UPSERT_TOLD = {"postgresql": _upsert_told(pg_insert), "sqlite": _upsert_told(sqlite_insert)}
+_UPSERT_TOLD_SQLITE = _upsert_told(sqlite_insert)
+# On PostgreSQL one statement over arrays: an executemany runs one INSERT per row on the server,
+# which made recording a chunk cost 0.15 ms a row.
+_UPSERT_TOLD_POSTGRESQL = text(
+    """
+    INSERT INTO syncer_state (destination_id, audience_id, user_id, value, unsure,
+                              anonymous_id, email, message_id, told_at)
+    SELECT :destination_id, t.audience_id, t.user_id, t.value, false,
+           t.anonymous_id, t.email, t.message_id, :told_at
+    FROM unnest(CAST(:audience_ids AS text[]), CAST(:user_ids AS text[]),
+                CAST(:told_values AS text[]), CAST(:anonymous_ids AS text[]),
+                CAST(:emails AS text[]), CAST(:message_ids AS text[]))
+         AS t(audience_id, user_id, value, anonymous_id, email, message_id)
+    ON CONFLICT (destination_id, audience_id, user_id) DO UPDATE SET
+        value = excluded.value, unsure = excluded.unsure, anonymous_id = excluded.anonymous_id,
+        email = excluded.email, message_id = excluded.message_id, told_at = excluded.told_at
+    """
+)
 _CLEAR_REFUSAL = (
     update(destinations)
     .where(
@@ -316,9 +333,23 @@ class OutboxStore:
         users = sorted({row.user_id for row in rows})
         deleted = set(connection.execute(_DELETED_AMONG, {"users": users}).scalars())
         told = [row for row in rows if row.user_id not in deleted]
-        if told:
+        if told and connection.dialect.name == "postgresql":
             connection.execute(
-                _UPSERT_TOLD[connection.dialect.name],
+                _UPSERT_TOLD_POSTGRESQL,
+                {
+                    "destination_id": destination_id,
+                    "told_at": now,
+                    "audience_ids": [row.audience_id for row in told],
+                    "user_ids": [row.user_id for row in told],
+                    "told_values": [row.value for row in told],
+                    "anonymous_ids": [row.anonymous_id for row in told],
+                    "emails": [row.email for row in told],
+                    "message_ids": [message_id(self.namespace, row.id) for row in told],
+                },
+            )
+        elif told:
+            connection.execute(
+                _UPSERT_TOLD_SQLITE,
                 [
                     {
                         "destination_id": destination_id,
