@@ -68,15 +68,11 @@ class AiohttpTransport:
                     limit=self._max_connections,
                     limit_per_host=self._max_connections,
                     ssl=self._tls,
-                    # Never cache a lookup for long: a workflow host may move.
-                    ttl_dns_cache=60,
                 ),
                 timeout=aiohttp.ClientTimeout(total=self._timeout_seconds),
                 headers={"User-Agent": USER_AGENT},
                 # Proxies and .netrc from the environment are not ours to pick up silently.
                 trust_env=False,
-                # Requests go to the URL as configured, byte for byte.
-                requote_redirect_url=False,
             )
         return self._session
 

@@ -82,22 +82,10 @@ class AudienceStore:
                 return row.audience_id
         return None
 
-    def lock_key(self, audience_id: str, key: str, now: datetime) -> bool:
-        """Record that ``audience_id`` syncs under ``key`` from now on; False if it is taken."""
-        with writing(self.engine) as connection:
-            connection.execute(
-                dialect_insert(connection, audience_keys)
-                .values(audience_id=audience_id, key=key, locked_at=now)
-                .on_conflict_do_nothing()
-            )
-            locked = connection.execute(
-                select(audience_keys.c.key).where(audience_keys.c.audience_id == audience_id)
-            ).scalar_one_or_none()
-        return bool(locked == key)
-
     def lock_keys(self, keys: dict[str, str], now: datetime) -> set[str]:
-        """:meth:`lock_key` for many audiences (id -> key) in one transaction; return the ids
-        whose key is theirs."""
+        """Record that each audience (id -> key) syncs under its key from now on, in one
+        transaction; return the ids whose key is theirs (a key already taken by another audience
+        is not)."""
         if not keys:
             return set()
         with writing(self.engine) as connection:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import structlog
 
@@ -70,10 +72,11 @@ async def sync_pair(
             progress.planned(sender.url, plan.queued_entries + plan.queued_exits)
         else:
             progress.planned(sender.url, plan.new_entered + plan.new_exited)
-        await _deliver(context, sender, destination_id, audience_id, key, report, progress)
-        await _wait_for_other_workers(
-            context, sender, destination_id, audience_id, key, report, progress
+        deliver = partial(
+            _deliver, context, sender, destination_id, audience_id, key, report, progress
         )
+        await deliver()
+        await _wait_for_other_workers(context, sender, destination_id, audience_id, report, deliver)
         statuses = await context.db(store.outbox.status_counts, destination_id, audience_id)
         report.pending = statuses.get(ChangeStatus.PENDING, 0)
         report.rejected = statuses.get(ChangeStatus.REJECTED, 0)
@@ -97,25 +100,24 @@ async def _wait_for_other_workers(
     sender: UrlSender,
     destination_id: int,
     audience_id: str,
-    key: str,
     report: PairReport,
-    progress: Progress,
+    deliver: Callable[[], Awaitable[None]],
 ) -> None:
     """Stay on the pair while other workers hold some of its changes: what they release, or
-    what their dead claims let go of, is ours to send; their answers settle the rest."""
+    what their dead claims let go of, is ours to ``deliver``; their answers settle the rest."""
     store = context.store
     while report.state is PairState.DONE and not sender.unavailable:
         others = await context.db(store.outbox.claimed_elsewhere, destination_id, audience_id)
         if not others:
             if report.joined:  # what ran out or was let go of since the last pass is ours now
-                await _deliver(context, sender, destination_id, audience_id, key, report, progress)
+                await deliver()
             return
         if not report.joined:
             report.joined = True
             log.info("pair_shared", url=sender.url, audience_id=audience_id, held_by_others=others)
         await context.db(store.claims.release_dead, holder_is_dead)
         await asyncio.sleep(JOIN_POLL_SECONDS)
-        await _deliver(context, sender, destination_id, audience_id, key, report, progress)
+        await deliver()
 
 
 def _settle_state(report: PairReport, sender: UrlSender) -> None:
