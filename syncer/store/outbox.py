@@ -169,12 +169,36 @@ _CLEAR_REFUSAL = (
 )
 
 
+# On PostgreSQL, the common exchange (every answer a delivery, no pacing) is one call of the
+# function that migration 0007 creates: one round trip where the statements above take six to
+# nine, each of which left the sender waiting about a millisecond under load.
+_EXCHANGE_POSTGRESQL = text(
+    """
+    SELECT * FROM syncer_exchange(
+        CAST(:destination_id AS integer), CAST(:audience_id AS text),
+        CAST(:claim_token_ AS text), CAST(:claimed_by_ AS text),
+        CAST(:ttl_ AS double precision), CAST(:ids AS bigint[]), CAST(:message_ids AS text[]),
+        CAST(:told_at AS timestamp), CAST(:want AS integer), CAST(:after_id AS bigint),
+        CAST(:clear_refusal AS boolean))
+    """
+)
+
+
 class OutboxStore:
     """Claims queued changes and records their outcomes."""
 
     def __init__(self, engine: Engine, namespace: uuid.UUID) -> None:
         self.engine = engine
         self.namespace = namespace
+        # One statement is its own transaction: no BEGIN and COMMIT round trips around it.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @property
+    def sending_ahead(self) -> int:
+        """How many times ``concurrency`` changes the delivery loop should keep to send while
+        an exchange runs (see :func:`syncer.delivery.claims.deliver_claimed`): on PostgreSQL
+        the exchange runs in the database, on SQLite in this process."""
+        return 3 if self.engine.dialect.name == "postgresql" else 1
 
     def exchange(
         self,
@@ -200,6 +224,14 @@ class OutboxStore:
         ``clear_refusal``: a delivery clears a refusal recorded for the URL (a worker asks once
         per run, on its first delivery, to save the statement on every exchange).
         """
+        if (
+            self.engine.dialect.name == "postgresql"
+            and rate_per_second <= 0
+            and all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results)
+        ):
+            return self._exchange_in_database(
+                claim, destination_id, audience_id, results, want, after_id, now, clear_refusal
+            )
         with writing(self.engine) as connection:
             lost = self._record(connection, claim, destination_id, results, now, max_rejections)
             if clear_refusal and any(o.kind is OutcomeKind.DELIVERED for _, o in results):
@@ -216,6 +248,38 @@ class OutboxStore:
             if claimed and rate_per_second > 0:
                 slots = reserve_slots(connection, destination_id, len(claimed), rate_per_second)
             return Exchanged(claimed, lost, slots=slots)
+
+    def _exchange_in_database(
+        self,
+        claim: Claim,
+        destination_id: int,
+        audience_id: str,
+        results: Sequence[tuple[int, Outcome]],
+        want: int,
+        after_id: int,
+        now: datetime,
+        clear_refusal: bool,
+    ) -> Exchanged:
+        """:meth:`exchange` for deliveries only, on PostgreSQL: one call, one transaction."""
+        ids = [change_id for change_id, _ in results]
+        with self._autocommit.connect() as connection:
+            rows = connection.execute(
+                _EXCHANGE_POSTGRESQL,
+                {
+                    "destination_id": destination_id,
+                    "audience_id": audience_id,
+                    **claim_parameters(claim),
+                    "ids": ids,
+                    "message_ids": [message_id(self.namespace, i) for i in ids],
+                    "told_at": now,
+                    "want": max(want, 0),
+                    "after_id": after_id,
+                    "clear_refusal": clear_refusal and bool(ids),
+                },
+            ).all()
+        summary = rows[0]
+        claimed = [QueuedChange(*row[3:]) for row in rows[1:]]
+        return Exchanged(claimed, summary.lost, held=summary.held)
 
     @staticmethod
     def _claim(

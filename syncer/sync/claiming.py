@@ -110,12 +110,18 @@ class ClaimKeeper:
 
 
 async def send_under(
-    keeper: ClaimKeeper, sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int
+    keeper: ClaimKeeper,
+    sender: UrlSender,
+    exchange: Exchange[Ref],
+    *,
+    concurrency: int,
+    ahead: int = 1,
 ) -> None:
     """Send what ``exchange`` claims, each request gated on ``keeper``'s claim, renewing it
-    meanwhile; nothing at all when the URL was already given up for the run."""
+    meanwhile; nothing at all when the URL was already given up for the run. ``ahead``: see
+    :func:`~syncer.delivery.claims.deliver_claimed`."""
     sender.reopen_gate(keeper.gate)
     if sender.unavailable:
         return
     async with keeper.renewing():
-        await deliver_claimed(sender, exchange, concurrency=concurrency)
+        await deliver_claimed(sender, exchange, concurrency=concurrency, ahead=ahead)

@@ -191,7 +191,13 @@ async def _deliver(
         ]
         return paced(bodies, exchanged.slots, asyncio.get_running_loop().time())
 
-    await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
+    await send_under(
+        keeper,
+        sender,
+        exchange,
+        concurrency=delivery.concurrency,
+        ahead=store.outbox.sending_ahead,
+    )
 
 
 def _trait_change(change: QueuedChange) -> TraitChange:

@@ -164,7 +164,11 @@ def assert_all_recorded(engine: Engine, users: list[str]) -> None:
 
 
 JOIN_CONCURRENCY = 4
-JOIN_CHUNK = chunk_size(JOIN_CONCURRENCY)  # what A claims first, and holds until B waits
+
+def first_chunk(store: Store) -> int:
+    """What A claims first, and holds until B waits: a whole chunk on this database."""
+    return chunk_size(JOIN_CONCURRENCY, store.outbox.sending_ahead)
+
 # A's requests are held until B is waiting on the pair: far longer than B takes to start.
 JOIN_TIMEOUT = 20.0  # (lease: 120 s by default, well over 1.5 x (20 + 1))
 HOLD_CAP = 30.0  # no request is held longer than this, whatever becomes of the test
@@ -192,7 +196,8 @@ def test_a_joining_worker_stays_while_another_holds_claims_and_counts_only_its_o
     still sending.
     """
     engine = store.engine
-    members = JOIN_CHUNK + left_for_b
+    join_chunk = first_chunk(store)
+    members = join_chunk + left_for_b
     users = [f"user-{n:03d}" for n in range(members)]
     upstream.add_audience(AUDIENCE, "Joined")
     upstream.add(AUDIENCE, *users)
@@ -221,7 +226,7 @@ def test_a_joining_worker_stays_while_another_holds_claims_and_counts_only_its_o
         # it claims no more before some of its requests are answered.
         wait_until(lambda: alive_holding(a, engine), 30, "A to claim its first chunk")
         a_users.update(claimed_users(engine, a))
-        assert len(a_users) == JOIN_CHUNK, claims_by(engine)
+        assert len(a_users) == join_chunk, claims_by(engine)
         a_known.set()
         b = start_worker(settings, tmp_path / "b.log")
         joined = b
@@ -241,13 +246,13 @@ def test_a_joining_worker_stays_while_another_holds_claims_and_counts_only_its_o
             stop_child(b.process)
 
     outputs = f"--- A ---\n{a.output()}\n--- B ---\n{b.output()}"
-    assert b_stayed, f"B ended its pair while A still held {JOIN_CHUNK} changes\n{outputs}"
+    assert b_stayed, f"B ended its pair while A still held {join_chunk} changes\n{outputs}"
     assert codes == (0, 0), outputs
     for worker in (a, b):
         assert_no_crash(worker.output(), worker.output())
     # A could send nothing before B was waiting, so it never claimed again: it delivered its
     # chunk, B everything else. A summary counting the other's deliveries would show more.
-    assert (a.delivered(), b.delivered()) == (JOIN_CHUNK, left_for_b), outputs
+    assert (a.delivered(), b.delivered()) == (join_chunk, left_for_b), outputs
     assert_everyone_told_once(standin, users)
     assert_all_recorded(engine, users)
     statuses = sorted(status for (status,) in query(engine, "select status from syncer_runs"))
