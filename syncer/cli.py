@@ -15,6 +15,7 @@ import click
 import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from syncer.core.states import PairState
@@ -50,6 +51,7 @@ class App:
 
     settings_path: Path
     _settings: Settings | None = field(default=None, init=False)
+    _engines: list[Engine] = field(default_factory=list, init=False)
 
     @property
     def settings(self) -> Settings:
@@ -59,11 +61,23 @@ class App:
             configure_logging(self._settings.logging.level, self._settings.logging.format)
         return self._settings
 
+    def engine(self) -> Engine:
+        """A connection pool to the configured database, closed when the command ends."""
+        engine = create_database_engine(self.settings.database.url)
+        self._engines.append(engine)
+        return engine
+
     def store(self) -> Store:
         """The store of the configured database, checked to be migrated by this version."""
-        engine = create_database_engine(self.settings.database.url)
+        engine = self.engine()
         check_schema(engine)
         return Store.open(engine)
+
+    def close(self) -> None:
+        """Close the database connections the command opened."""
+        for engine in self._engines:
+            engine.dispose()
+        self._engines.clear()
 
 
 @click.group()
@@ -79,7 +93,9 @@ class App:
 def main(ctx: click.Context, settings_path: Path | None) -> None:
     """Sync Engage audience memberships to Tray.io workflows."""
     configure_logging()
-    ctx.obj = App(resolve_settings_path(str(settings_path) if settings_path else None))
+    app = App(resolve_settings_path(str(settings_path) if settings_path else None))
+    ctx.obj = app
+    ctx.call_on_close(app.close)
 
 
 @main.command(name="migrate")
@@ -87,8 +103,7 @@ def main(ctx: click.Context, settings_path: Path | None) -> None:
 def migrate_command(app: App) -> None:
     """Create or upgrade the database schema (input tables and the syncer's own)."""
     settings = app.settings
-    engine = create_database_engine(settings.database.url)
-    before, after = migrate(engine)
+    before, after = migrate(app.engine())
     where = safe_url(settings.database.url)
     if before == after:
         click.echo(f"{where}: schema already at revision {after}")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import settings
 from sqlalchemy import create_engine, delete, insert, select, text, update
 from sqlalchemy.engine import make_url
@@ -208,23 +213,79 @@ def sent_values(standin: TrayStandin, path: str) -> list[tuple[str, str, Any]]:
     return result
 
 
+# The real command runs in this process when it can: a child spends most of a second importing
+# what this interpreter has loaded already, and the suite runs hundreds of commands. The daemon
+# (signal handlers, runs until stopped) and commands started from another thread (they would
+# share this process's streams and environment) run in a child, as does every command when
+# SYNCER_TEST_CLI=subprocess.
+CHILD_ONLY_COMMANDS = frozenset({"daemon"})
+
+
+def child_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a command: ours without any SYNCER_* variable, plus ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
+    full.update(env or {})
+    return full
+
+
+def runs_in_process(args: list[str]) -> bool:
+    """Whether ``syncer ARGS`` may run in this process (see CHILD_ONLY_COMMANDS)."""
+    return (
+        os.environ.get("SYNCER_TEST_CLI") != "subprocess"
+        and threading.current_thread() is threading.main_thread()
+        and not CHILD_ONLY_COMMANDS.intersection(args)
+    )
+
+
+def run_in_process(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``syncer ARGS`` through its real entry point (``syncer.cli.run``), in this process, with
+    ``env`` as the whole environment and its output captured; what it changes of the process
+    (environment, directory, logging) is put back afterwards."""
+    from syncer.cli import run
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_structlog = structlog.get_config()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        structlog.configure(**saved_structlog)
+    return subprocess.CompletedProcess(["syncer", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_cli(
     *args: str,
     settings: Path | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``syncer`` command in a subprocess."""
-    command = [sys.executable, "-m", "syncer"]
-    if settings is not None:
-        command += ["--settings", str(settings)]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
-    full_env.update(env or {})
+    """Run the real ``syncer`` command (in this process when it can, see runs_in_process)."""
+    argv = (["--settings", str(settings)] if settings is not None else []) + list(args)
+    if runs_in_process(argv):
+        return run_in_process(argv, child_environment(env), cwd)
     return subprocess.run(
-        command + list(args),
+        [sys.executable, "-m", "syncer", *argv],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=child_environment(env),
         cwd=cwd,
         timeout=120,
         stdin=subprocess.DEVNULL,

@@ -1,13 +1,13 @@
-"""Helpers for the tests that drive the real ``syncer`` command in subprocesses.
+"""Helpers for the tests that drive the real ``syncer`` command.
 
-Settings files written as TOML, the command run as a child process (one at a time, several at
-once, or as a long-lived daemon), waiting for conditions, and reading databases back whole.
+Settings files written as TOML, the command run to completion (in the test's process when it
+can, see tests.conftest.runs_in_process), several at once or as a long-lived daemon (as child
+processes), waiting for conditions, and reading databases back whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +25,14 @@ from sqlalchemy import MetaData, select
 from syncer.store import Store
 from syncer.store.database import create_database_engine, migrate
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
-from tests.conftest import SECRET, Upstream, make_settings
+from tests.conftest import (
+    SECRET,
+    Upstream,
+    child_environment,
+    make_settings,
+    run_in_process,
+    runs_in_process,
+)
 
 # The fast-retry delivery settings the in-process tests use (see conftest.make_settings).
 FAST_DELIVERY: dict[str, Any] = {
@@ -103,9 +110,7 @@ def write_settings(path: Path, database_url: str, urls: Sequence[str], **options
 
 def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a child: ours without any SYNCER_* variable, plus ``env``."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
-    full.update(env or {})
-    return full
+    return child_environment(dict(env or {}))
 
 
 def cli_command(*args: str, settings: Path | None = None) -> list[str]:
@@ -123,7 +128,11 @@ def cli(
     cwd: Path | None = None,
     timeout: float = CLI_TIMEOUT_SECONDS,
 ) -> Result:
-    """Run the real ``syncer`` command to completion."""
+    """Run the real ``syncer`` command to completion (in this process when it can: see
+    tests.conftest.runs_in_process)."""
+    argv = cli_command(*args, settings=settings)[3:]
+    if runs_in_process(argv):
+        return run_in_process(argv, cli_env(env), cwd)
     return subprocess.run(
         cli_command(*args, settings=settings),
         capture_output=True,

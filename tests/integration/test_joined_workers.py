@@ -165,9 +165,11 @@ def assert_all_recorded(engine: Engine, users: list[str]) -> None:
 
 JOIN_CONCURRENCY = 4
 
+
 def first_chunk(store: Store) -> int:
     """What A claims first, and holds until B waits: a whole chunk on this database."""
     return chunk_size(JOIN_CONCURRENCY, store.outbox.sending_ahead)
+
 
 # A's requests are held until B is waiting on the pair: far longer than B takes to start.
 JOIN_TIMEOUT = 20.0  # (lease: 120 s by default, well over 1.5 x (20 + 1))
