@@ -109,19 +109,22 @@ def _string(text: str) -> str:
     return encode_basestring(text)
 
 
+def _context(computation: Computation) -> dict[str, Any]:
+    """The ``context`` of every call about one computation."""
+    return {
+        "personas": {
+            "computation_class": computation.computation_class,
+            "computation_id": computation.computation_id,
+            "computation_key": computation.computation_key,
+            "namespace": computation.space_id,
+            "space_id": computation.space_id,
+        }
+    }
+
+
 @functools.lru_cache(maxsize=1024)
 def _personas(computation: Computation) -> str:
-    return _encode_text(
-        {
-            "personas": {
-                "computation_class": computation.computation_class,
-                "computation_id": computation.computation_id,
-                "computation_key": computation.computation_key,
-                "namespace": computation.space_id,
-                "space_id": computation.space_id,
-            }
-        }
-    )
+    return _encode_text(_context(computation))
 
 
 def identify_body(computation: Computation, change: TraitChange, namespace: uuid.UUID) -> bytes:
@@ -163,15 +166,7 @@ def identify_message(
     if change.anonymous_id:
         message["anonymousId"] = change.anonymous_id
     message["traits"] = traits
-    message["context"] = {
-        "personas": {
-            "computation_class": computation.computation_class,
-            "computation_id": computation.computation_id,
-            "computation_key": computation.computation_key,
-            "namespace": computation.space_id,
-            "space_id": computation.space_id,
-        }
-    }
+    message["context"] = _context(computation)
     message["messageId"] = message_id(namespace, change.change_id)
     message["timestamp"] = format_timestamp(change.created_at)
     return message

@@ -40,7 +40,7 @@ from syncer.store.outbox import Exchanged
 from syncer.store.sql import utcnow
 from tests.conftest import Upstream
 from tests.integration.fault_support import query, wait_until
-from tests.integration.test_fencing import plan_pair
+from tests.integration.test_fencing import exchange, plan_pair
 
 AUDIENCE = "aud_exchange_race"
 URL = "http://127.0.0.1:9/wf"  # never sent to: the tests drive the store directly
@@ -55,36 +55,13 @@ PATIENCE_SECONDS = 30
 PATHS = {"in_database": 0.0, "from_python": 1000.0}
 
 
-def exchange(
-    store: Store,
-    claim: Claim,
-    destination_id: int,
-    *,
-    results: list[tuple[int, Outcome]],
-    want: int,
-    rate: float = 0.0,
-) -> Exchanged:
-    """One exchange of a worker holding ``claim``, as deliver_claimed makes it."""
-    return store.outbox.exchange(
-        claim,
-        destination_id,
-        AUDIENCE,
-        results=results,
-        want=want,
-        after_id=0,
-        now=utcnow(),
-        max_rejections=5,
-        rate_per_second=rate,
-    )
-
-
 def claim_everyone(store: Store, upstream: Upstream, claim: Claim) -> tuple[int, dict[str, int]]:
     """The deleted user and the kept ones join the audience, the pair is planned, and ``claim``
     takes every change; return the URL's id and each user's change id."""
     upstream.add_audience(AUDIENCE, "Deleted While Recorded")
     upstream.add(AUDIENCE, DELETED, *KEPT)
     destination_id = plan_pair(store, URL, AUDIENCE)
-    claimed = exchange(store, claim, destination_id, results=[], want=10).claimed
+    claimed = exchange(store, claim, destination_id, want=10, audience=AUDIENCE).claimed
     change_ids = {change.user_id: change.change_id for change in claimed}
     assert sorted(change_ids) == sorted([DELETED, *KEPT])
     return destination_id, change_ids
@@ -208,6 +185,7 @@ def test_a_delete_user_committed_while_a_delivery_waits_for_its_lock_leaves_noth
                 destination_id,
                 results=[(change_id, DELIVERED) for change_id in change_ids.values()],
                 want=10,
+                audience=AUDIENCE,
                 rate=rate,
             )
         )
@@ -258,6 +236,7 @@ def test_a_user_deleted_after_the_claim_is_not_recorded_when_the_delivery_is(
         destination_id,
         results=[(change_id, DELIVERED) for change_id in change_ids.values()],
         want=10,
+        audience=AUDIENCE,
     )
 
     assert (recorded.lost, recorded.claimed, recorded.held) == (0, [], False)

@@ -97,17 +97,21 @@ def exchange(
     results: list[tuple[int, Outcome]] | None = None,
     want: int = 0,
     now: Any = None,
+    audience: str = AUDIENCE,
+    rate: float = 0.0,
 ) -> Exchanged:
-    """One exchange of a worker holding ``claim``, as deliver_claimed makes it."""
+    """One exchange of a worker holding ``claim``, as deliver_claimed makes it (``rate``: the
+    URL's rate limit; any rate takes the statements sent from Python on PostgreSQL)."""
     return store.outbox.exchange(
         claim,
         destination_id,
-        AUDIENCE,
+        audience,
         results=results or [],
         want=want,
         after_id=0,
         now=now or utcnow(),
         max_rejections=5,
+        rate_per_second=rate,
     )
 
 

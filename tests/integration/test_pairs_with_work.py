@@ -96,17 +96,23 @@ MUTATIONS: dict[str, tuple[Mutation, bool]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(MUTATIONS))
-def test_a_pair_has_work_exactly_when_a_plan_would_do_something(
-    name: str, store: Store, upstream: Upstream, standin: TrayStandin
-) -> None:
-    mutate, expected = MUTATIONS[name]
+def synced_busy_and_quiet(store: Store, upstream: Upstream, standin: TrayStandin) -> str:
+    """Two audiences (busy, quiet) told in full to one URL; the URL."""
     upstream.add_audience(AUDIENCE, "Busy")
     upstream.add_audience(QUIET, "Quiet")
     upstream.add(AUDIENCE, *MEMBERS)
     upstream.add(QUIET, "q1")
     url = standin.url("/wf")
     assert run_sync(store, [url]).fully_delivered
+    return url
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_a_pair_has_work_exactly_when_a_plan_would_do_something(
+    name: str, store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    mutate, expected = MUTATIONS[name]
+    url = synced_busy_and_quiet(store, upstream, standin)
     assert with_work(store, url) == set()
 
     mutate(store, upstream, url)
@@ -143,12 +149,7 @@ def test_changes_left_queued_by_a_failed_run_are_work(
 def test_a_run_plans_only_the_pairs_with_work(
     store: Store, upstream: Upstream, standin: TrayStandin
 ) -> None:
-    upstream.add_audience(AUDIENCE, "Busy")
-    upstream.add_audience(QUIET, "Quiet")
-    upstream.add(AUDIENCE, *MEMBERS)
-    upstream.add(QUIET, "q1")
-    url = standin.url("/wf")
-    assert run_sync(store, [url]).fully_delivered
+    url = synced_busy_and_quiet(store, upstream, standin)
 
     def planned_at() -> dict[str, object]:
         with store.engine.connect() as connection:
