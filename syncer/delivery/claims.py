@@ -1,15 +1,16 @@
 """Sending what is claimed, just in time: a pipelined loop over a claim-and-record exchange.
 
 The caller's ``exchange(results, want)`` records the outcomes handed to it and claims up to
-``want`` more items, in one transaction. Each exchange records and claims about three times
-``concurrency`` items (fewer, larger transactions measured faster on both databases), and the
-loop starts it while it still holds ``ahead`` times ``concurrency`` items to send (waiting or in
-flight), so that the connections keep working while the database does. How far ahead pays
-depends on where the exchange runs: on PostgreSQL it runs in the database, and 3 keeps the
-connections busy; on SQLite it runs in this process, competing with the sender for the
-interpreter, and 1 measured faster. A worker thus holds at most ``chunk_size(concurrency)``
-items claimed (waiting, in flight, or answered and not yet recorded): a crash re-sends at most
-that many per URL and worker. It knows nothing of audiences.
+``want`` more items, in one transaction. How the loop overlaps the two is its :class:`Pipeline`:
+each exchange records and claims ``exchanged`` x ``concurrency`` items, and the loop starts it
+while it still holds ``ahead`` x ``concurrency`` items to send (waiting or in flight), so that
+the connections keep working while the database does. What pays depends on where the exchange
+runs. On PostgreSQL it runs in the database, on another core: larger exchanges started further
+ahead keep the connections busy (3 and 3 left the sender without work for a sixth of a first
+sync; 6 and 6 for a twentieth). On SQLite it runs in this process and competes with the sender
+for the interpreter, and 3 and 1 measured faster. A worker thus holds at most
+``chunk_size(concurrency, pipeline)`` items claimed (waiting, in flight, or answered and not yet
+recorded): a crash re-sends at most that many per URL and worker. It knows nothing of audiences.
 """
 
 from __future__ import annotations
@@ -56,32 +57,61 @@ def paced(items: list[tuple[Ref, bytes]], slots: Slots | None, now: float) -> li
     return [Outgoing(ref, body, start + n * slots.interval) for n, (ref, body) in enumerate(items)]
 
 
-# Items recorded and claimed per exchange, and at most kept in hand while it runs, in multiples
-# of ``concurrency``.
-EXCHANGED = 3
-MAX_AHEAD = 3
+# Bounds of a pipeline: together, the most a worker holds claimed per URL (see chunk_size).
+MAX_EXCHANGED = 6
+MAX_AHEAD = 6
 
 
-def chunk_size(concurrency: int, ahead: int = MAX_AHEAD) -> int:
-    """How many items one worker holds claimed per URL at most; with the default ``ahead``, the
+@dataclass(frozen=True)
+class Pipeline:
+    """How far the delivery loop works ahead of the database, in multiples of ``concurrency``:
+    ``exchanged`` items recorded and claimed per exchange, started while ``ahead`` are still to
+    be sent."""
+
+    exchanged: int
+    ahead: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.exchanged <= MAX_EXCHANGED:
+            raise ValueError(f"exchanged must be between 1 and {MAX_EXCHANGED}")
+        if not 1 <= self.ahead <= MAX_AHEAD:
+            raise ValueError(f"ahead must be between 1 and {MAX_AHEAD}")
+
+
+MAX_PIPELINE = Pipeline(exchanged=MAX_EXCHANGED, ahead=MAX_AHEAD)
+# The exchange runs in the database (PostgreSQL), or in this process (SQLite).
+IN_DATABASE = Pipeline(exchanged=6, ahead=6)
+IN_PROCESS = Pipeline(exchanged=3, ahead=1)
+
+
+def pipeline_for(exchange_in_database: bool) -> Pipeline:
+    """The pipeline that measured fastest where the exchange runs."""
+    return IN_DATABASE if exchange_in_database else IN_PROCESS
+
+
+def chunk_size(concurrency: int, pipeline: Pipeline = MAX_PIPELINE) -> int:
+    """How many items one worker holds claimed per URL at most; with the default pipeline, the
     crash's duplicate bound whatever the database."""
-    return (EXCHANGED + ahead) * concurrency
+    return (pipeline.exchanged + pipeline.ahead) * concurrency
 
 
 async def deliver_claimed(
-    sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int, ahead: int = 1
+    sender: UrlSender,
+    exchange: Exchange[Ref],
+    *,
+    concurrency: int,
+    pipeline: Pipeline = IN_PROCESS,
 ) -> None:
     """Claim, send and record until nothing more is claimable or the URL is given up, starting
-    each exchange while ``ahead`` x ``concurrency`` items are still to be sent.
+    each exchange of ``pipeline.exchanged`` x ``concurrency`` items while ``pipeline.ahead`` x
+    ``concurrency`` are still to be sent.
 
     On cancellation the answers already in, and the requests cut off in flight (as possibly
     processed), are still recorded, and what was claimed but not sent is released.
     """
-    if not 1 <= ahead <= MAX_AHEAD:
-        raise ValueError(f"ahead must be between 1 and {MAX_AHEAD}, not {ahead}")
     loop = asyncio.get_running_loop()
-    chunk = chunk_size(concurrency, ahead)
-    due = EXCHANGED * concurrency  # free places that start an exchange
+    chunk = chunk_size(concurrency, pipeline)
+    due = pipeline.exchanged * concurrency  # free places that start an exchange
     waiting: deque[Outgoing[Ref]] = deque()
     in_flight: dict[asyncio.Task[Outcome], Ref] = {}
     answered: list[tuple[Ref, Outcome]] = []

@@ -64,6 +64,12 @@ class Store:
             runs=RunStore(engine),
         )
 
+    @property
+    def writes_concurrently(self) -> bool:
+        """Whether one transaction's writes leave others free to write meanwhile: PostgreSQL's
+        row locks do, SQLite's single writer does not (a plan would stall every exchange)."""
+        return self.engine.dialect.name == "postgresql"
+
     def refresh_statistics(self) -> None:
         """Let PostgreSQL's planner see the tables as they are now.
 

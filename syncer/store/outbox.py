@@ -194,11 +194,10 @@ class OutboxStore:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
-    def sending_ahead(self) -> int:
-        """How many times ``concurrency`` changes the delivery loop should keep to send while
-        an exchange runs (see :func:`syncer.delivery.claims.deliver_claimed`): on PostgreSQL
-        the exchange runs in the database, on SQLite in this process."""
-        return 3 if self.engine.dialect.name == "postgresql" else 1
+    def exchange_runs_in_database(self) -> bool:
+        """Whether :meth:`exchange`'s work runs in the database server (PostgreSQL), or in this
+        process (SQLite), competing with the sender for the interpreter."""
+        return self.engine.dialect.name == "postgresql"
 
     def exchange(
         self,
@@ -225,7 +224,7 @@ class OutboxStore:
         per run, on its first delivery, to save the statement on every exchange).
         """
         if (
-            self.engine.dialect.name == "postgresql"
+            self.exchange_runs_in_database
             and rate_per_second <= 0
             and all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results)
         ):

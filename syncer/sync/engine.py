@@ -33,11 +33,11 @@ from syncer.errors import ConfigError
 from syncer.settings import Settings
 from syncer.store import Store
 from syncer.store.audiences import AudienceRow
-from syncer.store.planning import PlanOutcome
+from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.sql import utcnow
 from syncer.sync.context import NoProgress, Progress, RunContext, holder_is_dead
 from syncer.sync.deletions import deliver_deletions
-from syncer.sync.pairs import sync_pair
+from syncer.sync.pairs import plan_pair, sync_pair
 from syncer.sync.reports import DeletionReport, PairReport, SyncReport
 
 log = structlog.get_logger("syncer.sync")
@@ -350,29 +350,52 @@ class SyncEngine:
         deletion_report = await deliver_deletions(context, sender, destination_id)
         reports = []
         idle: list[str] = []
+        busy: list[tuple[AudienceRow, str]] = []
         for row, key in audiences:
             if with_work is not None and (destination_id, row.audience_id) not in with_work:
                 reports.append(PairReport(url=sender.url, audience_id=row.audience_id, key=key))
                 idle.append(row.audience_id)
-                continue
-            report = await sync_pair(
-                context,
-                sender,
-                destination_id,
-                row.audience_id,
-                key,
-                full=options.full,
-                progress=progress,
+            else:
+                busy.append((row, key))
+        # Where writers do not block each other, the next pair is planned while this one is
+        # sent: its plan then costs no sending time. What it queues is still checked when
+        # claimed (deleted? still wanted?), so planning a few seconds early decides nothing.
+        plans: dict[int, asyncio.Task[PlanResult]] = {}
+
+        def plan_after(index: int) -> None:
+            if not store.writes_concurrently or index + 1 >= len(busy) or self._stopping.is_set():
+                return
+            audience_id = busy[index + 1][0].audience_id
+            plans[index + 1] = asyncio.create_task(
+                plan_pair(context, destination_id, audience_id, full=options.full, first_round=True)
             )
-            reports.append(report)
-            await context.db(
-                store.runs.record_pair,
-                destination_id,
-                row.audience_id,
-                run_id,
-                complete=report.state is PairState.DONE,
-                now=utcnow(),
-            )
+
+        try:
+            for index, (row, key) in enumerate(busy):
+                report = await sync_pair(
+                    context,
+                    sender,
+                    destination_id,
+                    row.audience_id,
+                    key,
+                    full=options.full,
+                    progress=progress,
+                    first_plan=plans.pop(index, None),
+                    planned=partial(plan_after, index),
+                )
+                reports.append(report)
+                await context.db(
+                    store.runs.record_pair,
+                    destination_id,
+                    row.audience_id,
+                    run_id,
+                    complete=report.state is PairState.DONE,
+                    now=utcnow(),
+                )
+        finally:
+            # A plan still under way when this URL stops (stopped, failed, cancelled) is let
+            # finish: its transaction runs on a database thread, and what it queues keeps.
+            await asyncio.gather(*plans.values(), return_exceptions=True)
         await context.db(
             store.runs.record_pairs, destination_id, idle, run_id, complete=True, now=utcnow()
         )

@@ -11,10 +11,10 @@ import structlog
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import Computation, TraitChange, identify_body
 from syncer.core.states import ChangeStatus, PairState
-from syncer.delivery.claims import Outgoing, paced
+from syncer.delivery.claims import Outgoing, paced, pipeline_for
 from syncer.delivery.sender import UrlSender
 from syncer.store.outbox import QueuedChange
-from syncer.store.planning import PlanOutcome
+from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.sql import utcnow
 from syncer.sync.claiming import send_under
 from syncer.sync.context import Progress, RunContext, holder_is_dead
@@ -32,6 +32,21 @@ JOIN_POLL_SECONDS = 0.25
 PLAN_ROUNDS = 2
 
 
+async def plan_pair(
+    context: RunContext, destination_id: int, audience_id: str, *, full: bool, first_round: bool
+) -> PlanResult:
+    """One plan of one (URL, audience): the first of a run, or the one after a stale send."""
+    return await context.db(
+        context.store.planning.plan,
+        destination_id,
+        audience_id,
+        full=full and first_round,
+        now=utcnow(),
+        limits=context.guard_limits,
+        retry_rejected=first_round,
+    )
+
+
 async def sync_pair(
     context: RunContext,
     sender: UrlSender,
@@ -41,20 +56,26 @@ async def sync_pair(
     *,
     full: bool,
     progress: Progress,
+    first_plan: Awaitable[PlanResult] | None = None,
+    planned: Callable[[], None] = lambda: None,
 ) -> PairReport:
-    """Plan one (URL, audience) and deliver its outbox; report what happened."""
+    """Plan one (URL, audience) and deliver its outbox; report what happened.
+
+    ``first_plan``: the run's first plan of the pair, already under way (see
+    :func:`syncer.sync.engine.SyncEngine._sync_url`); ``planned`` is called once the first plan
+    is in, before anything is sent.
+    """
     store = context.store
     report = PairReport(url=sender.url, audience_id=audience_id, key=key)
     for round_number in range(PLAN_ROUNDS):
-        plan = await context.db(
-            store.planning.plan,
-            destination_id,
-            audience_id,
-            full=full and round_number == 0,
-            now=utcnow(),
-            limits=context.guard_limits,
-            retry_rejected=round_number == 0,
-        )
+        if round_number == 0 and first_plan is not None:
+            plan = await first_plan
+        else:
+            plan = await plan_pair(
+                context, destination_id, audience_id, full=full, first_round=round_number == 0
+            )
+        if round_number == 0:
+            planned()
         if plan.outcome is PlanOutcome.HELD:
             report.state = PairState.HELD
             report.note = (
@@ -196,7 +217,7 @@ async def _deliver(
         sender,
         exchange,
         concurrency=delivery.concurrency,
-        ahead=store.outbox.sending_ahead,
+        pipeline=pipeline_for(store.outbox.exchange_runs_in_database),
     )
 
 

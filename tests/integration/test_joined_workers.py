@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from syncer.delivery.claims import chunk_size
+from syncer.delivery.claims import chunk_size, pipeline_for
 from syncer.store import Store
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import REPO_ROOT, Upstream
@@ -168,7 +168,7 @@ JOIN_CONCURRENCY = 4
 
 def first_chunk(store: Store) -> int:
     """What A claims first, and holds until B waits: a whole chunk on this database."""
-    return chunk_size(JOIN_CONCURRENCY, store.outbox.sending_ahead)
+    return chunk_size(JOIN_CONCURRENCY, pipeline_for(store.outbox.exchange_runs_in_database))
 
 
 # A's requests are held until B is waiting on the pair: far longer than B takes to start.

@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, MetaData, delete, insert, select, update
 
+from syncer.delivery.claims import chunk_size
 from syncer.store.database import create_database_engine, migrate
 from syncer.store.schema import audience_memberships, audiences
 from syncer.testing.tray_standin import Received, Reply, TrayStandin
@@ -123,7 +124,11 @@ class Feed:
 
 
 def is_identify(item: Received) -> bool:
-    return bool(item.message["type"] == "identify")
+    return is_identify_message(item.message)
+
+
+def is_identify_message(message: Any) -> bool:
+    return bool(message["type"] == "identify")
 
 
 def is_delete(item: Received) -> bool:
@@ -217,13 +222,14 @@ def test_user_deleted_before_their_change_is_sent_is_never_told_again(
 ) -> None:
     feed = Feed(db)
     feed.audience("aud_1", "Buyers")
-    others = [f"m{n:02d}" for n in range(1, 12)]
+    # More members than one worker ever holds claimed at concurrency 1, whatever the database.
+    others = [f"m{n:02d}" for n in range(1, chunk_size(1) + 2)]
     feed.add("aud_1", *others)
-    # Last by insertion and by id, so planned (and, one at a time, sent) last.
+    # Last by insertion and by id, so planned (and, one at a time, claimed and sent) last.
     feed.add("aud_1", DELETED, email="deleted@example.com")
-    # One request at a time, each answered after 0.25 s; the fourth identify is answered only
-    # once the delete has arrived, so the run is certainly still sending when delete-user runs
-    # and has certainly not sent the deleted user's change yet.
+    # One request at a time, the first ones answered after 0.25 s; the fourth identify is
+    # answered only once the delete has arrived, so the run is certainly still sending when
+    # delete-user runs and has certainly not claimed the deleted user's change yet.
     delete_arrived = threading.Event()
     identifies_seen = itertools.count(1)
 
@@ -231,8 +237,10 @@ def test_user_deleted_before_their_change_is_sent_is_never_told_again(
         message = json.loads(body)
         if message["type"] == "delete":
             delete_arrived.set()
-        elif next(identifies_seen) == 4:
+        elif (seen := next(identifies_seen)) == 4:
             delete_arrived.wait(timeout=PATIENCE_SECONDS)
+        elif seen > 4:
+            return Reply()
         return Reply(delay_seconds=0.25)
 
     standin.respond("/wf", respond)
@@ -336,6 +344,55 @@ def test_delete_of_a_user_whose_change_is_in_flight_arrives_after_it(
     standin.clear()
     syncer(settings, "sync", expect=0)
     assert not about(standin.received(), DELETED)
+
+
+@POSTGRES_ONLY
+def test_pair_planned_while_another_is_sent_checks_deletions_when_claimed(
+    db: Engine, database_url: str, standin: TrayStandin, tmp_path: Path
+) -> None:
+    # On PostgreSQL the next pair is planned while this one is sent. Planning early decides
+    # nothing: a user deleted between that plan and the claim is never told.
+    feed = Feed(db)
+    feed.audience("aud_1", "Buyers")
+    feed.add("aud_1", "b1", "b2")
+    feed.audience("aud_2", "Sellers")
+    feed.add("aud_2", "s1", DELETED)
+    first_in_flight = threading.Event()
+    released = threading.Event()
+
+    def respond(_path: str, body: bytes) -> Reply:
+        message = json.loads(body)
+        if is_identify_message(message) and not first_in_flight.is_set():
+            first_in_flight.set()
+            released.wait(timeout=PATIENCE_SECONDS)  # aud_1's first change stays in flight
+        return Reply()
+
+    standin.respond("/wf", respond)
+    settings = write_settings(
+        tmp_path / "settings.toml",
+        database_url,
+        [standin.url("/wf")],
+        delivery={"concurrency": 1, "timeout_seconds": 30},
+    )
+    log = tmp_path / "sync.log"
+    sync = start(settings, "sync", log=log)
+    try:
+        wait_until(first_in_flight.is_set, PATIENCE_SECONDS, "aud_1's first change")
+        queued = "select count(*) from syncer_outbox where audience_id = 'aud_2'"
+        wait_until(lambda: count(db, queued) == 2, PATIENCE_SECONDS, "aud_2 planned meanwhile")
+        syncer(settings, "delete-user", DELETED, expect=0)
+    finally:
+        released.set()
+        code, output = finish(sync, log)
+
+    assert code == 0, output
+    received = standin.received("/wf")
+    assert [user_of(item) for item in received if is_delete(item)] == [DELETED]
+    assert not [item for item in about(received, DELETED) if is_identify(item)]
+    assert user_told(standin, "/wf", "aud_1", True) == {"b1", "b2"}
+    assert user_told(standin, "/wf", "aud_2", True) == {"s1"}
+    told = count(db, "select count(*) from syncer_state where user_id = :u", u=DELETED)
+    assert told == 0
 
 
 # --- 2. a change processed but never answered ---

@@ -1,52 +1,76 @@
 """How much a worker holds claimed per URL: the duplicate bound a crash can cause.
 
-Each exchange records and claims 3 x ``concurrency`` items; the loop starts it while ``ahead`` x
-``concurrency`` are still to be sent (3 on PostgreSQL, 1 on SQLite), so a worker holds at most
-(3 + ahead) x ``concurrency``, and never more than ``chunk_size(concurrency)``, the bound the
-README states whatever the database.
+A pipeline records and claims ``exchanged`` x ``concurrency`` items per exchange, started while
+``ahead`` x ``concurrency`` are still to be sent (6 and 6 when the exchange runs in the database,
+3 and 1 when it runs in this process), so a worker holds at most (exchanged + ahead) x
+``concurrency``, and never more than ``chunk_size(concurrency)``, the bound the README states
+whatever the database.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+import itertools
 
 import pytest
 
-from syncer.delivery.claims import EXCHANGED, MAX_AHEAD, chunk_size, deliver_claimed
+from syncer.delivery.claims import (
+    IN_DATABASE,
+    IN_PROCESS,
+    MAX_AHEAD,
+    MAX_EXCHANGED,
+    Pipeline,
+    chunk_size,
+    pipeline_for,
+)
 
 
 @pytest.mark.parametrize(
-    ("concurrency", "ahead", "expected"),
+    ("concurrency", "pipeline", "expected"),
     [
-        (1, 1, 4),
-        (16, 1, 64),  # SQLite: as before the lookahead depended on the database
-        (16, 3, 96),  # PostgreSQL
-        (4, None, 24),  # the default: the bound for every database
-        (256, 3, 1536),
+        (1, Pipeline(exchanged=1, ahead=1), 2),
+        (16, IN_PROCESS, 64),  # SQLite
+        (16, IN_DATABASE, 192),  # PostgreSQL
+        (4, None, 48),  # the default: the bound for every database
+        (256, Pipeline(exchanged=3, ahead=3), 1536),
     ],
 )
 def test_chunk_size_is_the_exchange_plus_what_is_kept_ahead(
-    concurrency: int, ahead: int | None, expected: int
+    concurrency: int, pipeline: Pipeline | None, expected: int
 ) -> None:
-    size = chunk_size(concurrency) if ahead is None else chunk_size(concurrency, ahead)
+    size = chunk_size(concurrency) if pipeline is None else chunk_size(concurrency, pipeline)
     assert size == expected
 
 
-@pytest.mark.parametrize("ahead", range(1, MAX_AHEAD + 1))
-def test_no_lookahead_exceeds_the_stated_bound(ahead: int) -> None:
+@pytest.mark.parametrize(
+    ("exchanged", "ahead"),
+    list(itertools.product(range(1, MAX_EXCHANGED + 1), range(1, MAX_AHEAD + 1))),
+)
+def test_no_pipeline_exceeds_the_stated_bound(exchanged: int, ahead: int) -> None:
+    pipeline = Pipeline(exchanged=exchanged, ahead=ahead)
     for concurrency in (1, 4, 16, 256):
-        assert EXCHANGED * concurrency < chunk_size(concurrency, ahead) <= chunk_size(concurrency)
+        assert exchanged * concurrency < chunk_size(concurrency, pipeline)
+        assert chunk_size(concurrency, pipeline) <= chunk_size(concurrency)
 
 
-@pytest.mark.parametrize("ahead", [0, MAX_AHEAD + 1, -1])
-def test_a_lookahead_outside_the_bound_is_refused_before_anything_is_claimed(ahead: int) -> None:
-    claimed: list[int] = []
+@pytest.mark.parametrize(
+    ("exchanged", "ahead", "refused"),
+    [
+        (0, 1, "exchanged"),
+        (MAX_EXCHANGED + 1, 1, "exchanged"),
+        (3, 0, "ahead"),
+        (3, MAX_AHEAD + 1, "ahead"),
+        (3, -1, "ahead"),
+    ],
+)
+def test_a_pipeline_outside_the_bound_cannot_be_made(
+    exchanged: int, ahead: int, refused: str
+) -> None:
+    with pytest.raises(ValueError, match=f"{refused} must be between 1 and"):
+        Pipeline(exchanged=exchanged, ahead=ahead)
 
-    async def exchange(_results: list[Any], want: int) -> list[Any]:
-        claimed.append(want)
-        return []
 
-    with pytest.raises(ValueError, match="ahead must be between 1 and"):
-        asyncio.run(deliver_claimed(None, exchange, concurrency=4, ahead=ahead))  # type: ignore[arg-type]
-    assert claimed == []
+@pytest.mark.parametrize(("in_database", "expected"), [(True, IN_DATABASE), (False, IN_PROCESS)])
+def test_the_pipeline_follows_where_the_exchange_runs(
+    in_database: bool, expected: Pipeline
+) -> None:
+    assert pipeline_for(in_database) == expected
