@@ -46,6 +46,7 @@ from syncer.store.schema import (
     STATE_TOLD_TRUE,
     STATE_UNSURE,
     audience_memberships,
+    audiences,
     deleted_users,
     destinations,
     outbox,
@@ -378,7 +379,7 @@ class PlanStore:
         change nothing."""
         if not destination_ids or not audience_ids:
             return set()
-        o, s, d = outbox.c, state.c, destinations.c
+        o, s, d, a = outbox.c, state.c, destinations.c, audiences.c
         wanted_pair = and_(o.destination_id.in_(destination_ids), o.audience_id.in_(audience_ids))
         queued = (
             select(o.destination_id, o.audience_id)
@@ -393,37 +394,49 @@ class PlanStore:
             pairs.c.audience_id.in_(audience_ids),
             pairs.c.held_at.is_not(None),
         )
-        told = exists().where(
+        # Each pair is asked whether one member is not certainly told, and whether one user
+        # the URL may believe a member is not one.
+        told = (
+            exists()
+            .where(
+                s.destination_id == d.id,
+                s.audience_id == _m.c.audience_id,
+                s.user_id == _m.c.user_id,
+                STATE_TOLD_TRUE,
+                s.unsure == false(),
+            )
+            # The URL is the outermost query's, two levels up: left to itself, SQLAlchemy
+            # correlates only with the query just around, and would ask about every URL.
+            .correlate_except(state)
+        )
+        entering_member = exists().where(
+            _m.c.audience_id == a.id,
+            not_(told),
+            not_(exists().where(deleted_users.c.user_id == _m.c.user_id)),
+        )
+        leaving_user = exists().where(
             s.destination_id == d.id,
-            s.audience_id == _m.c.audience_id,
-            s.user_id == _m.c.user_id,
-            STATE_TOLD_TRUE,
-            s.unsure == false(),
+            s.audience_id == a.id,
+            or_(STATE_TOLD_TRUE, STATE_UNSURE),
+            not_(exists().where(_m.c.audience_id == s.audience_id, _m.c.user_id == s.user_id)),
         )
-        entering = (
-            select(d.id, _m.c.audience_id)
-            .select_from(_m.join(destinations, true()))
-            .where(
-                d.id.in_(destination_ids),
-                _m.c.audience_id.in_(audience_ids),
-                not_(told),
-                not_(exists().where(deleted_users.c.user_id == _m.c.user_id)),
-            )
-            .distinct()
-        )
-        leaving = (
-            select(s.destination_id, s.audience_id)
-            .where(
-                s.destination_id.in_(destination_ids),
-                s.audience_id.in_(audience_ids),
-                or_(STATE_TOLD_TRUE, STATE_UNSURE),
-                not_(exists().where(_m.c.audience_id == s.audience_id, _m.c.user_id == s.user_id)),
-            )
-            .distinct()
+        every_pair = (
+            select(d.id, a.id)
+            .select_from(destinations.join(audiences, true()))
+            .where(d.id.in_(destination_ids), a.id.in_(audience_ids))
         )
         with reading(self.engine) as connection:
             found: set[tuple[int, str]] = set()
-            for statement in (queued, held, entering, leaving):
+            if connection.dialect.name == "sqlite":
+                # Per pair, left to right, stopping at the first row found: exits first, since
+                # a member who left is found anywhere in the pair's rows, while a new member
+                # often sorts after every other (ids handed out in order).
+                changed = [every_pair.where(or_(leaving_user, entering_member))]
+            else:
+                # Each EXISTS on its own becomes a hash semi-join, one pass over every pair;
+                # under an OR, PostgreSQL would probe the index member by member instead.
+                changed = [every_pair.where(leaving_user), every_pair.where(entering_member)]
+            for statement in (queued, held, *changed):
                 found.update((int(row[0]), str(row[1])) for row in connection.execute(statement))
             return found
 

@@ -132,6 +132,29 @@ def test_a_pair_has_work_exactly_when_a_plan_would_do_something(
         assert has_work(dry_plan(store, url, AUDIENCE)) is expected
 
 
+@pytest.mark.parametrize("told_url", [0, 1])
+def test_each_url_is_judged_by_what_it_was_told(
+    told_url: int, store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    # One URL was told a member that the other was not (it was down): only the other has work.
+    upstream.add_audience(AUDIENCE, "Busy")
+    upstream.add(AUDIENCE, *MEMBERS)
+    urls = [standin.url("/wf-a"), standin.url("/wf-b")]
+    assert run_sync(store, urls).fully_delivered
+    upstream.add(AUDIENCE, "new")
+    standin.respond(urls[1 - told_url].removeprefix(standin.url("")), Reply(status=503))
+    assert not run_sync(store, urls, max_attempts=1).fully_delivered
+    with store.engine.begin() as connection:  # only the entry counts: nothing left queued
+        connection.exec_driver_sql("DELETE FROM syncer_outbox")
+    ids = store.destinations.find(urls)
+
+    found = store.planning.pairs_with_work(list(ids.values()), [AUDIENCE])
+
+    assert found == {(ids[urls[1 - told_url]], AUDIENCE)}
+    assert has_work(dry_plan(store, urls[1 - told_url], AUDIENCE))
+    assert not has_work(dry_plan(store, urls[told_url], AUDIENCE))
+
+
 def test_changes_left_queued_by_a_failed_run_are_work(
     store: Store, upstream: Upstream, standin: TrayStandin
 ) -> None:
