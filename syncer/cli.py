@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from syncer.core.states import PairState
-from syncer.core.urls import canonical_url
+from syncer.core.urls import canonical_url, configured_url
 from syncer.errors import (
     EXIT_DATABASE,
     EXIT_INTERNAL,
@@ -175,18 +175,30 @@ def _print_summary(report: SyncReport) -> None:
 @main.command(name="sync")
 @click.option("--audience", default=None, help="Sync only this audience (id or key).")
 @click.option(
+    "--url",
+    default=None,
+    help="Sync only this configured workflow URL (with --full: re-send it the current state).",
+)
+@click.option(
     "--full", is_flag=True, help="Re-send every current member, whatever was sent before."
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be sent, per URL; change nothing.")
 @click.pass_obj
-def sync_command(app: App, audience: str | None, full: bool, dry_run: bool) -> None:
-    """Run one sync over all enabled audiences (or one)."""
+def sync_command(
+    app: App, audience: str | None, url: str | None, full: bool, dry_run: bool
+) -> None:
+    """Run one sync over all enabled audiences (or one), to every configured URL (or one)."""
     from syncer.sync import SyncEngine, SyncOptions
 
     settings = app.settings
+    only_url = None if url is None else _known_url(app, url)
     engine = SyncEngine(settings, app.store())
     options = SyncOptions(
-        audience=audience, full=full, dry_run=dry_run, trigger="full" if full else "manual"
+        audience=audience,
+        url=only_url,
+        full=full,
+        dry_run=dry_run,
+        trigger="full" if full else "manual",
     )
     try:
         if dry_run:
@@ -232,7 +244,7 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
                 f"{pair.url} {pair.key}: {pair.invalid} member row(s) cannot be sent "
                 f"(e.g. {pair.invalid_example})"
             )
-    for url in engine.settings.tray.workflow_urls:
+    for url in options.urls(engine.settings.tray.workflow_urls):
         click.echo(
             f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
             f"{totals.get((url, 'false'), 0)} exited; nothing was sent or changed"
@@ -285,14 +297,15 @@ def retry_command(app: App, url: str | None, audience: str | None) -> None:
 
 def _configured_destination(app: App, store: Store, url: str) -> list[int]:
     """The destination id of ``--url``, which must be one of the configured URLs."""
-    configured = {canonical_url(u): u for u in app.settings.tray.workflow_urls}
-    try:
-        known = configured.get(canonical_url(url))
-    except ValueError:
-        known = None
+    return list(store.destinations.find([_known_url(app, url)]).values())
+
+
+def _known_url(app: App, url: str) -> str:
+    """``--url`` as configured: it must be one of tray.workflow_urls (in any spelling of it)."""
+    known = configured_url(app.settings.tray.workflow_urls, url)
     if known is None:
         raise ConfigError(f"--url: {url!r} is not one of tray.workflow_urls")
-    return list(store.destinations.find([known]).values())
+    return known
 
 
 @main.command(name="approve")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -30,3 +31,16 @@ def canonical_url(url: str) -> str:
     path = parts.path[:-1] if parts.path.endswith("/") else parts.path
     query = f"?{parts.query}" if parts.query else ""
     return f"{scheme}://{netloc}{path}{query}"
+
+
+def configured_url(configured: Sequence[str], wanted: str) -> str | None:
+    """The configured URL that is the same workflow as ``wanted`` (spelled as configured), or
+    None when none is, or when ``wanted`` is not a workflow URL at all."""
+    try:
+        canonical = canonical_url(wanted)
+    except ValueError:
+        return None
+    for url in configured:
+        if canonical_url(url) == canonical:
+            return url
+    return None

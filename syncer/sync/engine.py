@@ -78,9 +78,18 @@ class SyncOptions:
     """What one run is asked to do."""
 
     audience: str | None = None
+    url: str | None = None  # one of the configured URLs, as configured; None: every one
     full: bool = False
     dry_run: bool = False
     trigger: str = "manual"
+
+    def urls(self, configured: Sequence[str]) -> list[str]:
+        """The configured URLs this run sends to."""
+        if self.url is None:
+            return list(configured)
+        if self.url not in configured:
+            raise ConfigError(f"--url: {self.url!r} is not one of tray.workflow_urls")
+        return [self.url]
 
 
 def select_audiences(
@@ -221,7 +230,7 @@ class SyncEngine:
         started = time.monotonic()
         syncable, report = self._resolve(options)
         delivery = self.settings.delivery
-        for url in self.settings.tray.workflow_urls:
+        for url in options.urls(self.settings.tray.workflow_urls):
             for row, key in syncable:
                 pair = PairReport(url=url, audience_id=row.audience_id, key=key)
                 result = self.store.planning.dry_run(
@@ -247,8 +256,10 @@ class SyncEngine:
         context, store = self.context, self.store
         started = time.monotonic()
         syncable, report = await context.db(self._resolve, options)
-        urls = self.settings.tray.workflow_urls
-        destination_ids = await context.db(store.destinations.ensure, urls, utcnow())
+        configured = self.settings.tray.workflow_urls
+        urls = options.urls(configured)
+        # Every configured URL, even with --url: the others are not removed.
+        destination_ids = await context.db(store.destinations.ensure, configured, utcnow())
         keys = {row.audience_id: key for row, key in syncable}
         ours = await context.db(store.audiences.lock_keys, keys, utcnow())
         locked: list[tuple[AudienceRow, str]] = []
@@ -277,7 +288,7 @@ class SyncEngine:
         if not options.full:
             with_work = await context.db(
                 store.planning.pairs_with_work,
-                list(destination_ids.values()),
+                [destination_ids[url] for url in urls],
                 [row.audience_id for row, _ in locked],
             )
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())

@@ -301,6 +301,48 @@ def test_sync_exit_status_says_whether_everything_was_delivered(
     assert len(standin.received()) == before
 
 
+def test_sync_url_sends_to_that_url_only_and_full_resends_it_the_current_state(
+    database_url: str, upstream: Upstream, standin: TrayStandin, tmp_path: Path
+) -> None:
+    upstream.add_audience("aud_1", "Buyers")
+    upstream.add("aud_1", "u1", "u2")
+    a, b = standin.url("/a"), standin.url("/b")
+    settings = write_settings(tmp_path / "settings.toml", database_url, [a, b])
+    assert cli("sync", settings=settings).returncode == 0
+    upstream.add("aud_1", "u3")
+    upstream.remove("aud_1", "u1")
+    standin.clear()
+
+    # Another spelling of the same workflow URL names it too.
+    only_b = cli("sync", "--url", b.replace("http://", "HTTP://") + "/", settings=settings)
+
+    assert only_b.returncode == 0, show(only_b)
+    assert sorted(sent_values(standin, "/b")) == [("u1", "buyers", False), ("u3", "buyers", True)]
+    assert standin.received("/a") == []
+    assert "no longer configured" not in only_b.stdout, show(only_b)
+    standin.clear()
+
+    rebuilt = cli("sync", "--url", b, "--full", settings=settings)
+
+    assert rebuilt.returncode == 0, show(rebuilt)
+    assert sorted(sent_values(standin, "/b")) == [("u2", "buyers", True), ("u3", "buyers", True)]
+    assert standin.received("/a") == []
+    standin.clear()
+
+    rest = cli("sync", settings=settings)  # /a still gets its own changes, once
+
+    assert rest.returncode == 0, show(rest)
+    assert sorted(sent_values(standin, "/a")) == [("u1", "buyers", False), ("u3", "buyers", True)]
+    assert standin.received("/b") == []
+
+    unknown = cli("sync", "--url", standin.url("/c"), settings=settings)
+
+    assert unknown.returncode == 2, show(unknown)
+    line = one_error_line(unknown)
+    assert "--url" in line and "/c" in line
+    assert standin.received("/c") == []
+
+
 # --- dry run ---
 
 IDENTIFY_LINE = re.compile(r"^\s+identify\s+'?([^'\s]+)'?\s+(\w+)=(true|false)\s*$")

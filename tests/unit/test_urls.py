@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from syncer.core.urls import canonical_url
+from syncer.core.urls import canonical_url, configured_url
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,24 @@ def test_urls_that_may_name_different_workflows_stay_apart(first: str, second: s
 def test_invalid_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         canonical_url(url)
+
+
+CONFIGURED = ["https://tray.io/wf-a", "HTTPS://Tray.IO:443/wf-b/"]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "found"),
+    [
+        pytest.param("https://tray.io/wf-a", "https://tray.io/wf-a", id="as-configured"),
+        pytest.param("https://tray.io/wf-b", "HTTPS://Tray.IO:443/wf-b/", id="spelled-as-set"),
+        pytest.param("https://TRAY.io/wf-a/", "https://tray.io/wf-a", id="another-spelling"),
+        pytest.param("https://tray.io/WF-A", None, id="path-case-is-another-workflow"),
+        pytest.param("https://tray.io/wf-c", None, id="not-configured"),
+        pytest.param("wf-a", None, id="not-a-url"),
+        pytest.param("https://tray.io:x/wf-a", None, id="bad-port"),
+    ],
+)
+def test_configured_url_finds_the_same_workflow_as_configured(
+    wanted: str, found: str | None
+) -> None:
+    assert configured_url(CONFIGURED, wanted) == found
