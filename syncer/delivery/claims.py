@@ -4,12 +4,12 @@ The caller's ``exchange(results, want)`` records the outcomes handed to it and c
 ``want`` more items, in one transaction. How the loop overlaps the two is its :class:`Pipeline`:
 each exchange records and claims ``exchanged`` x ``concurrency`` items, and the loop starts it
 while it still holds ``ahead`` x ``concurrency`` items to send (waiting or in flight), so that
-the connections keep working while the database does. What pays depends on where the exchange
-runs. On PostgreSQL it runs in the database, on another core: larger exchanges started further
-ahead keep the connections busy (3 and 3 left the sender without work for a sixth of a first
-sync; 6 and 6 for a twentieth). On SQLite it runs in this process and competes with the sender
-for the interpreter, and 3 and 1 measured faster. A worker thus holds at most
-``chunk_size(concurrency, pipeline)`` items claimed (waiting, in flight, or answered and not yet
+the connections keep working while the database does. 6 and 6 measured best on both databases:
+with 3 and 3 on PostgreSQL the sender had free connections and nothing to send for a sixth of a
+first sync, with 6 and 6 for a twentieth; on SQLite, where the exchange competes with the sender
+for the interpreter, 3 and 1 left it so for a third, 6 and 6 for a fifth, and the first sync was
+about 6% faster (five interleaved runs each). A worker thus holds at most
+``chunk_size(concurrency)`` items claimed (waiting, in flight, or answered and not yet
 recorded): a crash re-sends at most that many per URL and worker. It knows nothing of audiences.
 """
 
@@ -57,7 +57,7 @@ def paced(items: list[tuple[Ref, bytes]], slots: Slots | None, now: float) -> li
     return [Outgoing(ref, body, start + n * slots.interval) for n, (ref, body) in enumerate(items)]
 
 
-# Bounds of a pipeline: together, the most a worker holds claimed per URL (see chunk_size).
+# Bounds of a pipeline, and the one used: together, the most a worker holds claimed per URL.
 MAX_EXCHANGED = 6
 MAX_AHEAD = 6
 
@@ -78,20 +78,11 @@ class Pipeline:
             raise ValueError(f"ahead must be between 1 and {MAX_AHEAD}")
 
 
-MAX_PIPELINE = Pipeline(exchanged=MAX_EXCHANGED, ahead=MAX_AHEAD)
-# The exchange runs in the database (PostgreSQL), or in this process (SQLite).
-IN_DATABASE = Pipeline(exchanged=6, ahead=6)
-IN_PROCESS = Pipeline(exchanged=3, ahead=1)
+PIPELINE = Pipeline(exchanged=MAX_EXCHANGED, ahead=MAX_AHEAD)
 
 
-def pipeline_for(exchange_in_database: bool) -> Pipeline:
-    """The pipeline that measured fastest where the exchange runs."""
-    return IN_DATABASE if exchange_in_database else IN_PROCESS
-
-
-def chunk_size(concurrency: int, pipeline: Pipeline = MAX_PIPELINE) -> int:
-    """How many items one worker holds claimed per URL at most; with the default pipeline, the
-    crash's duplicate bound whatever the database."""
+def chunk_size(concurrency: int, pipeline: Pipeline = PIPELINE) -> int:
+    """How many items one worker holds claimed per URL at most: the crash's duplicate bound."""
     return (pipeline.exchanged + pipeline.ahead) * concurrency
 
 
@@ -100,7 +91,7 @@ async def deliver_claimed(
     exchange: Exchange[Ref],
     *,
     concurrency: int,
-    pipeline: Pipeline = IN_PROCESS,
+    pipeline: Pipeline = PIPELINE,
 ) -> None:
     """Claim, send and record until nothing more is claimable or the URL is given up, starting
     each exchange of ``pipeline.exchanged`` x ``concurrency`` items while ``pipeline.ahead`` x

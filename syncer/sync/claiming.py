@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 
-from syncer.delivery.claims import IN_PROCESS, Exchange, Pipeline, Ref, deliver_claimed
+from syncer.delivery.claims import PIPELINE, Exchange, Pipeline, Ref, deliver_claimed
 from syncer.delivery.sender import UrlSender
 from syncer.settings import CLAIM_RENEWALS, CLAIM_SAFETY_SECONDS
 from syncer.store.claims import Claim
@@ -115,7 +115,7 @@ async def send_under(
     exchange: Exchange[Ref],
     *,
     concurrency: int,
-    pipeline: Pipeline = IN_PROCESS,
+    pipeline: Pipeline = PIPELINE,
 ) -> None:
     """Send what ``exchange`` claims, each request gated on ``keeper``'s claim, renewing it
     meanwhile; nothing at all when the URL was already given up for the run. ``pipeline``: see

@@ -11,7 +11,7 @@ import structlog
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import Computation, TraitChange, identify_body
 from syncer.core.states import ChangeStatus, PairState
-from syncer.delivery.claims import Outgoing, paced, pipeline_for
+from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
 from syncer.store.outbox import QueuedChange
 from syncer.store.planning import PlanOutcome, PlanResult
@@ -212,13 +212,7 @@ async def _deliver(
         ]
         return paced(bodies, exchanged.slots, asyncio.get_running_loop().time())
 
-    await send_under(
-        keeper,
-        sender,
-        exchange,
-        concurrency=delivery.concurrency,
-        pipeline=pipeline_for(store.outbox.exchange_runs_in_database),
-    )
+    await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
 
 
 def _trait_change(change: QueuedChange) -> TraitChange:

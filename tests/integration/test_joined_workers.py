@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from syncer.delivery.claims import chunk_size, pipeline_for
+from syncer.delivery.claims import chunk_size
 from syncer.store import Store
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import REPO_ROOT, Upstream
@@ -166,9 +166,8 @@ def assert_all_recorded(engine: Engine, users: list[str]) -> None:
 JOIN_CONCURRENCY = 4
 
 
-def first_chunk(store: Store) -> int:
-    """What A claims first, and holds until B waits: a whole chunk on this database."""
-    return chunk_size(JOIN_CONCURRENCY, pipeline_for(store.outbox.exchange_runs_in_database))
+# What A claims first, and holds until B waits: a whole chunk.
+FIRST_CHUNK = chunk_size(JOIN_CONCURRENCY)
 
 
 # A's requests are held until B is waiting on the pair: far longer than B takes to start.
@@ -198,7 +197,7 @@ def test_a_joining_worker_stays_while_another_holds_claims_and_counts_only_its_o
     still sending.
     """
     engine = store.engine
-    join_chunk = first_chunk(store)
+    join_chunk = FIRST_CHUNK
     members = join_chunk + left_for_b
     users = [f"user-{n:03d}" for n in range(members)]
     upstream.add_audience(AUDIENCE, "Joined")

@@ -1,10 +1,8 @@
 """How much a worker holds claimed per URL: the duplicate bound a crash can cause.
 
 A pipeline records and claims ``exchanged`` x ``concurrency`` items per exchange, started while
-``ahead`` x ``concurrency`` are still to be sent (6 and 6 when the exchange runs in the database,
-3 and 1 when it runs in this process), so a worker holds at most (exchanged + ahead) x
-``concurrency``, and never more than ``chunk_size(concurrency)``, the bound the README states
-whatever the database.
+``ahead`` x ``concurrency`` are still to be sent, so a worker holds at most (exchanged + ahead) x
+``concurrency``, and never more than ``chunk_size(concurrency)``, the bound the README states.
 """
 
 from __future__ import annotations
@@ -13,24 +11,16 @@ import itertools
 
 import pytest
 
-from syncer.delivery.claims import (
-    IN_DATABASE,
-    IN_PROCESS,
-    MAX_AHEAD,
-    MAX_EXCHANGED,
-    Pipeline,
-    chunk_size,
-    pipeline_for,
-)
+from syncer.delivery.claims import MAX_AHEAD, MAX_EXCHANGED, PIPELINE, Pipeline, chunk_size
 
 
 @pytest.mark.parametrize(
     ("concurrency", "pipeline", "expected"),
     [
         (1, Pipeline(exchanged=1, ahead=1), 2),
-        (16, IN_PROCESS, 64),  # SQLite
-        (16, IN_DATABASE, 192),  # PostgreSQL
-        (4, None, 48),  # the default: the bound for every database
+        (16, Pipeline(exchanged=3, ahead=1), 64),
+        (16, PIPELINE, 192),  # the one used
+        (4, None, 48),  # the default: the stated bound
         (256, Pipeline(exchanged=3, ahead=3), 1536),
     ],
 )
@@ -67,10 +57,3 @@ def test_a_pipeline_outside_the_bound_cannot_be_made(
 ) -> None:
     with pytest.raises(ValueError, match=f"{refused} must be between 1 and"):
         Pipeline(exchanged=exchanged, ahead=ahead)
-
-
-@pytest.mark.parametrize(("in_database", "expected"), [(True, IN_DATABASE), (False, IN_PROCESS)])
-def test_the_pipeline_follows_where_the_exchange_runs(
-    in_database: bool, expected: Pipeline
-) -> None:
-    assert pipeline_for(in_database) == expected
