@@ -1,10 +1,10 @@
 """Sending what is claimed, just in time: a pipelined loop over a claim-and-record exchange.
 
 The caller's ``exchange(results, want)`` records the outcomes handed to it and claims up to
-``want`` more items, in one transaction. How the loop overlaps the two is its :class:`Pipeline`:
-each exchange records and claims ``exchanged`` x ``concurrency`` items, and the loop starts it
-while it still holds ``ahead`` x ``concurrency`` items to send (waiting or in flight), so that
-the connections keep working while the database does. 6 and 6 measured best on both databases:
+``want`` more items, in one transaction. Each exchange records and claims ``EXCHANGED`` x
+``concurrency`` items, and the loop starts it while it still holds ``AHEAD`` x ``concurrency``
+items to send (waiting or in flight), so that the connections keep working while the database
+does. 6 and 6 measured best on both databases:
 with 3 and 3 on PostgreSQL the sender had free connections and nothing to send for a sixth of a
 first sync, with 6 and 6 for a twentieth; on SQLite, where the exchange competes with the sender
 for the interpreter, 3 and 1 left it so for a third, 6 and 6 for a fifth, and the first sync was
@@ -57,52 +57,28 @@ def paced(items: list[tuple[Ref, bytes]], slots: Slots | None, now: float) -> li
     return [Outgoing(ref, body, start + n * slots.interval) for n, (ref, body) in enumerate(items)]
 
 
-# Bounds of a pipeline, and the one used: together, the most a worker holds claimed per URL.
-MAX_EXCHANGED = 6
-MAX_AHEAD = 6
+# Items recorded and claimed per exchange, and still to be sent when it starts, in multiples
+# of ``concurrency``.
+EXCHANGED = 6
+AHEAD = 6
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    """How far the delivery loop works ahead of the database, in multiples of ``concurrency``:
-    ``exchanged`` items recorded and claimed per exchange, started while ``ahead`` are still to
-    be sent."""
-
-    exchanged: int
-    ahead: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.exchanged <= MAX_EXCHANGED:
-            raise ValueError(f"exchanged must be between 1 and {MAX_EXCHANGED}")
-        if not 1 <= self.ahead <= MAX_AHEAD:
-            raise ValueError(f"ahead must be between 1 and {MAX_AHEAD}")
-
-
-PIPELINE = Pipeline(exchanged=MAX_EXCHANGED, ahead=MAX_AHEAD)
-
-
-def chunk_size(concurrency: int, pipeline: Pipeline = PIPELINE) -> int:
+def chunk_size(concurrency: int) -> int:
     """How many items one worker holds claimed per URL at most: the crash's duplicate bound."""
-    return (pipeline.exchanged + pipeline.ahead) * concurrency
+    return (EXCHANGED + AHEAD) * concurrency
 
 
-async def deliver_claimed(
-    sender: UrlSender,
-    exchange: Exchange[Ref],
-    *,
-    concurrency: int,
-    pipeline: Pipeline = PIPELINE,
-) -> None:
+async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurrency: int) -> None:
     """Claim, send and record until nothing more is claimable or the URL is given up, starting
-    each exchange of ``pipeline.exchanged`` x ``concurrency`` items while ``pipeline.ahead`` x
-    ``concurrency`` are still to be sent.
+    each exchange of ``EXCHANGED`` x ``concurrency`` items while ``AHEAD`` x ``concurrency``
+    are still to be sent.
 
     On cancellation the answers already in, and the requests cut off in flight (as possibly
     processed), are still recorded, and what was claimed but not sent is released.
     """
     loop = asyncio.get_running_loop()
-    chunk = chunk_size(concurrency, pipeline)
-    due = pipeline.exchanged * concurrency  # free places that start an exchange
+    chunk = chunk_size(concurrency)
+    due = EXCHANGED * concurrency  # free places that start an exchange
     waiting: deque[Outgoing[Ref]] = deque()
     in_flight: dict[asyncio.Task[Outcome], Ref] = {}
     answered: list[tuple[Ref, Outcome]] = []

@@ -193,12 +193,6 @@ class OutboxStore:
         # One statement is its own transaction: no BEGIN and COMMIT round trips around it.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    @property
-    def exchange_runs_in_database(self) -> bool:
-        """Whether :meth:`exchange`'s work runs in the database server (PostgreSQL), or in this
-        process (SQLite), competing with the sender for the interpreter."""
-        return self.engine.dialect.name == "postgresql"
-
     def exchange(
         self,
         claim: Claim,
@@ -224,7 +218,7 @@ class OutboxStore:
         per run, on its first delivery, to save the statement on every exchange).
         """
         if (
-            self.exchange_runs_in_database
+            self.engine.dialect.name == "postgresql"
             and rate_per_second <= 0
             and all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results)
         ):

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 
-from syncer.delivery.claims import PIPELINE, Exchange, Pipeline, Ref, deliver_claimed
+from syncer.delivery.claims import Exchange, Ref, deliver_claimed
 from syncer.delivery.sender import UrlSender
 from syncer.settings import CLAIM_RENEWALS, CLAIM_SAFETY_SECONDS
 from syncer.store.claims import Claim
@@ -115,13 +115,11 @@ async def send_under(
     exchange: Exchange[Ref],
     *,
     concurrency: int,
-    pipeline: Pipeline = PIPELINE,
 ) -> None:
     """Send what ``exchange`` claims, each request gated on ``keeper``'s claim, renewing it
-    meanwhile; nothing at all when the URL was already given up for the run. ``pipeline``: see
-    :func:`~syncer.delivery.claims.deliver_claimed`."""
+    meanwhile; nothing at all when the URL was already given up for the run."""
     sender.reopen_gate(keeper.gate)
     if sender.unavailable:
         return
     async with keeper.renewing():
-        await deliver_claimed(sender, exchange, concurrency=concurrency, pipeline=pipeline)
+        await deliver_claimed(sender, exchange, concurrency=concurrency)

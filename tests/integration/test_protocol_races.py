@@ -208,6 +208,16 @@ def finish(process: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
     return code, log.read_text(encoding="utf-8", errors="replace")
 
 
+def one_at_a_time(tmp_path: Path, database_url: str, standin: TrayStandin) -> Path:
+    """Settings for one URL at ``/wf``, sent one request at a time."""
+    return write_settings(
+        tmp_path / "settings.toml",
+        database_url,
+        [standin.url("/wf")],
+        delivery={"concurrency": 1, "timeout_seconds": 20},
+    )
+
+
 def count(engine: Engine, sql: str, **params: Any) -> int:
     return int(query(engine, sql, **params)[0][0])
 
@@ -244,12 +254,7 @@ def test_user_deleted_before_their_change_is_sent_is_never_told_again(
         return Reply(delay_seconds=0.25)
 
     standin.respond("/wf", respond)
-    settings = write_settings(
-        tmp_path / "settings.toml",
-        database_url,
-        [standin.url("/wf")],
-        delivery={"concurrency": 1, "timeout_seconds": 20},
-    )
+    settings = one_at_a_time(tmp_path, database_url, standin)
     log = tmp_path / "sync.log"
     sync = start(settings, "sync", log=log)
     try:
@@ -301,12 +306,7 @@ def test_delete_of_a_user_whose_change_is_in_flight_arrives_after_it(
         return Reply(delay_seconds=0.25)
 
     standin.respond("/wf", respond)
-    settings = write_settings(
-        tmp_path / "settings.toml",
-        database_url,
-        [standin.url("/wf")],
-        delivery={"concurrency": 1, "timeout_seconds": 20},
-    )
+    settings = one_at_a_time(tmp_path, database_url, standin)
     sync_log, delete_log = tmp_path / "sync.log", tmp_path / "delete.log"
     sync = start(settings, "sync", log=sync_log)
     deleting = None
@@ -368,12 +368,7 @@ def test_pair_planned_while_another_is_sent_checks_deletions_when_claimed(
         return Reply()
 
     standin.respond("/wf", respond)
-    settings = write_settings(
-        tmp_path / "settings.toml",
-        database_url,
-        [standin.url("/wf")],
-        delivery={"concurrency": 1, "timeout_seconds": 30},
-    )
+    settings = one_at_a_time(tmp_path, database_url, standin)
     log = tmp_path / "sync.log"
     sync = start(settings, "sync", log=log)
     try:
