@@ -17,6 +17,8 @@ from syncer.settings import Settings
 from syncer.store import Store
 from syncer.store.claims import Claim
 from syncer.sync.claiming import ClaimKeeper
+from syncer.sync.exchanging import ExchangeReply, ExchangeRequest, exchange
+from syncer.sync.helper import HELPER_MIN_CHANGES, StoreHelper
 
 T = TypeVar("T")
 
@@ -64,12 +66,33 @@ class RunContext:
     store: Store
     holder: str
     executor: ThreadPoolExecutor
+    helper: StoreHelper | None = None
 
     async def db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run a store call on a worker thread, so that one URL's SQL never stalls another's
         HTTP."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, partial(function, *args, **kwargs))
+
+    def expect_delivery(self, changes: int) -> None:
+        """A pair with ``changes`` queued is about to be sent: start the helper if it pays."""
+        if self.helper is not None and changes >= HELPER_MIN_CHANGES:
+            self.helper.start()
+
+    async def exchange(self, request: ExchangeRequest) -> ExchangeReply:
+        """One exchange of a delivery: in the store's helper process when it is ready, else on
+        a database thread."""
+        if self.helper is not None:
+            reply = await self.helper.call(exchange, request)
+            if reply is not None:
+                return reply
+        return await self.db(exchange, self.store, request)
+
+    def close(self) -> None:
+        """Stop the database threads and the helper process."""
+        self.executor.shutdown(wait=True)
+        if self.helper is not None:
+            self.helper.close()
 
     def claim_keeper(self) -> ClaimKeeper:
         """A new claim of this process, and the keeper that renews it while sending."""

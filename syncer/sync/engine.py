@@ -37,6 +37,7 @@ from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.sql import utcnow
 from syncer.sync.context import NoProgress, Progress, RunContext, holder_is_dead
 from syncer.sync.deletions import deliver_deletions
+from syncer.sync.helper import helper_for
 from syncer.sync.pairs import plan_pair, sync_pair
 from syncer.sync.reports import DeletionReport, PairReport, SyncReport
 
@@ -127,6 +128,7 @@ class SyncEngine:
             store=store,
             holder=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
             executor=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syncer-db"),
+            helper=helper_for(store.engine),
         )
         self._senders: list[UrlSender] = []
         self._stopping = threading.Event()
@@ -144,8 +146,8 @@ class SyncEngine:
         )
 
     def close(self) -> None:
-        """Stop the database worker threads."""
-        self.context.executor.shutdown(wait=True)
+        """Stop the database worker threads and the store's helper process."""
+        self.context.close()
 
     def request_stop(self, grace_seconds: float | None = None) -> None:
         """Ask a run in progress (from any thread) to send nothing new and settle what is in flight.

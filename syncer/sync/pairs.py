@@ -9,7 +9,7 @@ from functools import partial
 import structlog
 
 from syncer.core.outcomes import Outcome, OutcomeKind
-from syncer.core.payload import Computation, TraitChange, identify_body
+from syncer.core.payload import Computation
 from syncer.core.states import ChangeStatus, PairState
 from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
@@ -18,6 +18,7 @@ from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.sql import utcnow
 from syncer.sync.claiming import send_under
 from syncer.sync.context import Progress, RunContext, holder_is_dead
+from syncer.sync.exchanging import ExchangeRequest
 from syncer.sync.reports import PairReport
 
 log = structlog.get_logger("syncer.sync")
@@ -91,6 +92,7 @@ async def sync_pair(
         report.invalid, report.invalid_example = plan.invalid, plan.invalid_example
         if round_number == 0:
             progress.planned(sender.url, plan.queued_entries + plan.queued_exits)
+            context.expect_delivery(plan.queued_entries + plan.queued_exits)
         else:
             progress.planned(sender.url, plan.new_entered + plan.new_exited)
         deliver = partial(
@@ -167,7 +169,7 @@ async def _deliver(
     report: PairReport,
     progress: Progress,
 ) -> None:
-    store, delivery = context.store, context.settings.delivery
+    delivery = context.settings.delivery
     computation = Computation("audience", audience_id, key, context.settings.engage.space_id)
     keeper = context.claim_keeper()
     claim = keeper.claim
@@ -179,18 +181,19 @@ async def _deliver(
         nonlocal cursor
         if want:
             keeper.starting()
-        exchanged = await context.db(
-            store.outbox.exchange,
-            claim,
-            destination_id,
-            audience_id,
-            results=[(change.change_id, outcome) for change, outcome in results],
-            want=want,
-            after_id=cursor,
-            now=utcnow(),
-            max_rejections=delivery.max_rejections,
-            rate_per_second=delivery.rate_limit_per_second,
-            clear_refusal=not sender.refusal_cleared,
+        exchanged = await context.exchange(
+            ExchangeRequest(
+                claim,
+                destination_id,
+                computation,
+                results=[(change.change_id, outcome) for change, outcome in results],
+                want=want,
+                after_id=cursor,
+                now=utcnow(),
+                max_rejections=delivery.max_rejections,
+                rate_per_second=delivery.rate_limit_per_second,
+                clear_refusal=not sender.refusal_cleared,
+            )
         )
         if any(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):
             sender.refusal_cleared = True
@@ -205,22 +208,7 @@ async def _deliver(
         report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
         progress.advanced(sender.url, len(results))
         if exchanged.claimed:
-            cursor = exchanged.claimed[-1].change_id
-        bodies = [
-            (change, identify_body(computation, _trait_change(change), store.namespace))
-            for change in exchanged.claimed
-        ]
-        return paced(bodies, exchanged.slots, asyncio.get_running_loop().time())
+            cursor = exchanged.claimed[-1][0].change_id
+        return paced(exchanged.claimed, exchanged.slots, asyncio.get_running_loop().time())
 
     await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
-
-
-def _trait_change(change: QueuedChange) -> TraitChange:
-    return TraitChange(
-        change.change_id,
-        change.user_id,
-        change.anonymous_id,
-        change.email,
-        change.value,
-        change.created_at,
-    )

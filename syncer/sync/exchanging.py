@@ -1,0 +1,79 @@
+"""One exchange of a delivery, as a value in and a value out: record the outcomes handed in,
+claim what comes next, and build the bodies to send.
+
+A plain function of the store and two picklable values, so that it runs the same on a
+database thread of this process or in the store's helper process (:mod:`syncer.sync.helper`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from syncer.core.outcomes import Outcome
+from syncer.core.pacing import Slots
+from syncer.core.payload import Computation, TraitChange, identify_body
+from syncer.store import Store
+from syncer.store.claims import Claim
+from syncer.store.outbox import QueuedChange
+
+
+@dataclass(frozen=True)
+class ExchangeRequest:
+    """What one exchange records, and how much more it claims, for one (URL, audience)."""
+
+    claim: Claim
+    destination_id: int
+    computation: Computation
+    results: list[tuple[int, Outcome]]
+    want: int
+    after_id: int
+    now: datetime
+    max_rejections: int
+    rate_per_second: float
+    clear_refusal: bool
+
+
+@dataclass(frozen=True)
+class ExchangeReply:
+    """The changes now claimed, each with the body that tells the URL about it, and what the
+    store said besides (see :class:`syncer.store.outbox.Exchanged`)."""
+
+    claimed: list[tuple[QueuedChange, bytes]]
+    lost: int = 0
+    held: bool = False
+    slots: Slots | None = None
+
+
+def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
+    """Record, claim and build the bodies, in one transaction of ``store``'s."""
+    computation = request.computation
+    exchanged = store.outbox.exchange(
+        request.claim,
+        request.destination_id,
+        computation.computation_id,
+        results=request.results,
+        want=request.want,
+        after_id=request.after_id,
+        now=request.now,
+        max_rejections=request.max_rejections,
+        rate_per_second=request.rate_per_second,
+        clear_refusal=request.clear_refusal,
+    )
+    claimed = [
+        (change, identify_body(computation, trait_change(change), store.namespace))
+        for change in exchanged.claimed
+    ]
+    return ExchangeReply(claimed, exchanged.lost, exchanged.held, exchanged.slots)
+
+
+def trait_change(change: QueuedChange) -> TraitChange:
+    """A claimed change as the payload builder takes it."""
+    return TraitChange(
+        change.change_id,
+        change.user_id,
+        change.anonymous_id,
+        change.email,
+        change.value,
+        change.created_at,
+    )
