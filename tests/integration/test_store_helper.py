@@ -48,12 +48,9 @@ def users(count: int) -> list[str]:
     return [f"user-{n:05d}" for n in range(count)]
 
 
-def sync_engine(store: Store, standin: TrayStandin) -> SyncEngine:
+def sync_engine(store: Store, standin: TrayStandin, **delivery: float) -> SyncEngine:
     url = store.engine.url.render_as_string(hide_password=False)
-    # A short lease: claims a killed helper took and never handed back are free again soon.
-    settings = make_settings(
-        url, [standin.url(PATH)], concurrency=8, timeout_seconds=2, lease_seconds=5
-    )
+    settings = make_settings(url, [standin.url(PATH)], concurrency=8, **delivery)
     return SyncEngine(settings, store)
 
 
@@ -63,16 +60,29 @@ def helper_of(engine: SyncEngine) -> StoreHelper:
     return helper
 
 
+def once_helper_is_up(helper: StoreHelper) -> None:
+    """Hold a reply until the helper is ready: on a loaded machine it may take longer to start
+    than the whole delivery would, which would then never use it. (The sender must wait that
+    long without timing out, or it would send the held requests again.)"""
+    wait_until(lambda: helper.ready or helper.lost, 30, "the helper to start")
+
+
 def test_a_large_delivery_runs_in_the_helper_and_sends_what_the_thread_would(
     sqlite_store: Store, standin: TrayStandin
 ) -> None:
     upstream = Upstream(sqlite_store)
     upstream.add_audience("aud_big", "Big Audience")
     upstream.add("aud_big", *users(MEMBERS), anonymous_id="anon-1", email="a@example.com")
-    engine = sync_engine(sqlite_store, standin)
+    engine = sync_engine(sqlite_store, standin, timeout_seconds=40, lease_seconds=90)
+    helper = helper_of(engine)
+
+    def reply(_path: str, _body: bytes) -> Reply:
+        once_helper_is_up(helper)
+        return Reply()
+
+    standin.respond(PATH, reply)
     try:
         report = engine.run(SyncOptions())
-        helper = helper_of(engine)
         helper_pid = helper.pid
         calls = helper.calls
     finally:
@@ -138,8 +148,13 @@ def test_a_helper_killed_or_interrupted_mid_delivery_loses_nothing(
     upstream = Upstream(sqlite_store)
     upstream.add_audience("aud_big", "Big Audience")
     upstream.add("aud_big", *users(MEMBERS))
-    engine = sync_engine(sqlite_store, standin)
+    # A short lease: what a killed helper claimed and never handed back is free again soon.
+    engine = sync_engine(sqlite_store, standin, timeout_seconds=5, lease_seconds=10)
     helper = helper_of(engine)
+    # Up before the run: this test is about a helper that dies or is interrupted, not about
+    # one that starts late (see the test above).
+    helper.start()
+    wait_until(lambda: helper.ready, 30, "the helper to start")
     signalled = threading.Event()
     calls_before: list[int] = []
 
