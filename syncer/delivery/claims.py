@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -32,11 +32,12 @@ Ref = TypeVar("Ref")
 
 @dataclass(frozen=True)
 class Outgoing(Generic[Ref]):
-    """A body to send, with the caller's reference to it, and the moment (on the event loop's
-    clock) before which it must not be sent, for pacing."""
+    """A body to send with its headers (signed already), the caller's reference to it, and the
+    moment (on the event loop's clock) before which it must not be sent, for pacing."""
 
     ref: Ref
     body: bytes
+    headers: Mapping[str, str]
     not_before: float = 0.0
 
 
@@ -49,12 +50,18 @@ _CANCELLED = Outcome(OutcomeKind.RETRYABLE, None, "cancelled in flight", 1)
 _UNSENT = Outcome(OutcomeKind.NOT_SENT, detail="not sent: URL given up for this run")
 
 
-def paced(items: list[tuple[Ref, bytes]], slots: Slots | None, now: float) -> list[Outgoing[Ref]]:
-    """The items as outgoing, each not before its slot (``now`` on the event loop's clock)."""
+def paced(
+    items: Sequence[tuple[Ref, bytes, Mapping[str, str]]], slots: Slots | None, now: float
+) -> list[Outgoing[Ref]]:
+    """The items (reference, body, headers) as outgoing, each not before its slot (``now`` on
+    the event loop's clock)."""
     if slots is None:
-        return [Outgoing(ref, body) for ref, body in items]
+        return [Outgoing(ref, body, headers) for ref, body, headers in items]
     start = now + slots.delay
-    return [Outgoing(ref, body, start + n * slots.interval) for n, (ref, body) in enumerate(items)]
+    return [
+        Outgoing(ref, body, headers, start + n * slots.interval)
+        for n, (ref, body, headers) in enumerate(items)
+    ]
 
 
 # Items recorded and claimed per exchange, and still to be sent when it starts, in multiples
@@ -146,7 +153,7 @@ async def deliver_claimed(sender: UrlSender, exchange: Exchange[Ref], *, concurr
                     wake_at = min(wake_at or math.inf, waiting[0].not_before)
                     break
                 item = waiting.popleft()
-                task = asyncio.create_task(sender.deliver(item.body))
+                task = asyncio.create_task(sender.deliver(item.body, item.headers))
                 in_flight[task] = item.ref
                 task.add_done_callback(answer_in)
             if exchanging is None and exchange_error is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
@@ -14,7 +14,6 @@ from syncer.core.outcomes import (
     classify_status,
     parse_retry_after,
 )
-from syncer.core.signing import signature_headers
 from syncer.delivery.transport import Response, Transport
 
 # Two refusals in a row (401/403/404/410) and the URL is given up for the run.
@@ -51,9 +50,7 @@ class UrlSender:
     sent.
     """
 
-    def __init__(
-        self, url: str, transport: Transport, policy: RetryPolicy, secret: str | None
-    ) -> None:
+    def __init__(self, url: str, transport: Transport, policy: RetryPolicy) -> None:
         self.url = url
         self.down = False
         self.stopped = False
@@ -65,7 +62,6 @@ class UrlSender:
         self._refusals_in_a_row = 0
         self._transport = transport
         self._policy = policy
-        self._secret = secret
 
     @property
     def unavailable(self) -> bool:
@@ -99,11 +95,11 @@ class UrlSender:
     def _should_retry(response: Response) -> bool:
         return response.status is None or classify_status(response.status) is OutcomeKind.RETRYABLE
 
-    async def deliver(self, body: bytes) -> Outcome:
-        """Send one body, retrying within policy, and say what became of it."""
+    async def deliver(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
+        """Send one body with its (signed) headers, retrying within policy, and say what
+        became of it."""
         if self.unavailable:
             return Outcome(OutcomeKind.NOT_SENT, detail="not sent: URL given up for this run")
-        headers = signature_headers(body, self._secret)
         if not self.gate():
             self.gate_closed = True
             return Outcome(OutcomeKind.NOT_SENT, detail="not sent: claim about to run out")
@@ -117,7 +113,7 @@ class UrlSender:
         return outcome
 
     async def _retry(
-        self, body: bytes, headers: dict[str, str], first: Response
+        self, body: bytes, headers: Mapping[str, str], first: Response
     ) -> tuple[Response, int]:
         """Retry after a first retryable answer; return the last answer and the requests sent."""
         sent = 1

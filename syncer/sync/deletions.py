@@ -6,6 +6,7 @@ import asyncio
 
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import delete_body
+from syncer.core.signing import signature_headers
 from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
 from syncer.store.deletions import OwedDeletion
@@ -47,11 +48,13 @@ async def deliver_deletions(
         report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
         if claimed:
             cursor = claimed[-1].deletion_id
-        bodies = [
-            (d, delete_body(d.user_id, d.deletion_id, d.requested_at, store.namespace))
-            for d in claimed
-        ]
-        return paced(bodies, slots, asyncio.get_running_loop().time())
+        signed = []
+        for deletion in claimed:
+            body = delete_body(
+                deletion.user_id, deletion.deletion_id, deletion.requested_at, store.namespace
+            )
+            signed.append((deletion, body, signature_headers(body, context.settings.tray.secret)))
+        return paced(signed, slots, asyncio.get_running_loop().time())
 
     await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)
     report.pending = await context.db(store.deletions.owed_count, destination_id)

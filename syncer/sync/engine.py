@@ -176,7 +176,6 @@ class SyncEngine:
                 backoff_max_seconds=delivery.backoff_max_seconds,
                 retry_after_max_seconds=delivery.retry_after_max_seconds,
             ),
-            self.settings.tray.secret,
         )
         if self._stopping.is_set():
             sender.stop()

@@ -1,5 +1,5 @@
 """One exchange of a delivery, as a value in and a value out: record the outcomes handed in,
-claim what comes next, and build the bodies to send.
+claim what comes next, and build and sign the bodies to send.
 
 A plain function of the store and two picklable values, so that it runs the same on a
 database thread of this process or in the store's helper process (:mod:`syncer.sync.helper`).
@@ -7,12 +7,13 @@ database thread of this process or in the store's helper process (:mod:`syncer.s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from syncer.core.outcomes import Outcome
 from syncer.core.pacing import Slots
 from syncer.core.payload import Computation, TraitChange, identify_body
+from syncer.core.signing import signature_headers
 from syncer.store import Store
 from syncer.store.claims import Claim
 from syncer.store.outbox import QueuedChange
@@ -32,21 +33,23 @@ class ExchangeRequest:
     max_rejections: int
     rate_per_second: float
     clear_refusal: bool
+    secret: str | None = field(repr=False)  # what the bodies are signed with
 
 
 @dataclass(frozen=True)
 class ExchangeReply:
-    """The changes now claimed, each with the body that tells the URL about it, and what the
-    store said besides (see :class:`syncer.store.outbox.Exchanged`)."""
+    """The changes now claimed, each with the body that tells the URL about it and the signed
+    headers it goes with, and what the store said besides (see
+    :class:`syncer.store.outbox.Exchanged`)."""
 
-    claimed: list[tuple[QueuedChange, bytes]]
+    claimed: list[tuple[QueuedChange, bytes, dict[str, str]]]
     lost: int = 0
     held: bool = False
     slots: Slots | None = None
 
 
 def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
-    """Record, claim and build the bodies, in one transaction of ``store``'s."""
+    """Record and claim in one transaction of ``store``'s, then build and sign the bodies."""
     computation = request.computation
     exchanged = store.outbox.exchange(
         request.claim,
@@ -60,10 +63,10 @@ def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
         rate_per_second=request.rate_per_second,
         clear_refusal=request.clear_refusal,
     )
-    claimed = [
-        (change, identify_body(computation, trait_change(change), store.namespace))
-        for change in exchanged.claimed
-    ]
+    claimed = []
+    for change in exchanged.claimed:
+        body = identify_body(computation, trait_change(change), store.namespace)
+        claimed.append((change, body, signature_headers(body, request.secret)))
     return ExchangeReply(claimed, exchanged.lost, exchanged.held, exchanged.slots)
 
 

@@ -194,15 +194,14 @@ def test_interleaved_workers_never_get_slots_closer_than_one_interval(
 
 
 def test_paced_items_go_one_interval_apart_from_the_first_slot() -> None:
-    items = [(f"ref-{n}", f"body-{n}".encode()) for n in range(4)]
+    items = [(f"ref-{n}", f"body-{n}".encode(), {"X-Signature": str(n)}) for n in range(4)]
     slots = Slots(delay=1.5, interval=0.25, next_free=0.0)  # next_free: not paced's business
     outgoing = paced(items, slots, now=10.0)
-    assert [o.ref for o in outgoing] == [ref for ref, _ in items]
-    assert [o.body for o in outgoing] == [body for _, body in items]
+    assert [(o.ref, o.body, o.headers) for o in outgoing] == items
     assert [o.not_before for o in outgoing] == pytest.approx([11.5, 11.75, 12.0, 12.25])
 
 
 def test_unpaced_items_may_go_at_once() -> None:
-    items = [("a", b"1"), ("b", b"2")]
+    items = [("a", b"1", {}), ("b", b"2", {})]
     assert [o.not_before for o in paced(items, None, now=10.0)] == [0.0, 0.0]
     assert paced([], Slots(0.0, 0.1, 0.0), now=10.0) == []
