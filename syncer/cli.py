@@ -244,7 +244,7 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
                 f"{pair.url} {pair.key}: {pair.invalid} member row(s) cannot be sent "
                 f"(e.g. {pair.invalid_example})"
             )
-    for url in options.urls(engine.settings.tray.workflow_urls):
+    for url in options.urls(engine.settings.tray.urls):
         click.echo(
             f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
             f"{totals.get((url, 'false'), 0)} exited; nothing was sent or changed"
@@ -302,7 +302,7 @@ def _configured_destination(app: App, store: Store, url: str) -> list[int]:
 
 def _known_url(app: App, url: str) -> str:
     """``--url`` as configured: it must be one of tray.workflow_urls (in any spelling of it)."""
-    known = configured_url(app.settings.tray.workflow_urls, url)
+    known = configured_url(app.settings.tray.urls, url)
     if known is None:
         raise ConfigError(f"--url: {url!r} is not one of tray.workflow_urls")
     return known
@@ -343,7 +343,7 @@ def forget_url_command(app: App, url: str, yes: bool) -> None:
         canonical = canonical_url(url)
     except ValueError as error:
         raise ConfigError(f"URL: {error}") from None
-    if canonical in {canonical_url(u) for u in app.settings.tray.workflow_urls}:
+    if canonical in {canonical_url(u) for u in app.settings.tray.urls}:
         raise ConfigError(f"URL: {url!r} is configured in tray.workflow_urls: remove it first")
     if not yes:
         raise ConfigError("forget-url drops owed deletes for good: add --yes to confirm")
@@ -406,7 +406,7 @@ def _inspection(app: App) -> Inspection:
 @click.pass_obj
 def inspect_audiences(app: App, output_format: str) -> None:
     """Every audience, its members, and per URL what it was told and what is pending."""
-    records = _inspection(app).audiences(app.settings.tray.workflow_urls)
+    records = _inspection(app).audiences(app.settings.tray.urls)
     if output_format == "json":
         print_json(records)
         return
@@ -486,7 +486,7 @@ def inspect_members(app: App, audience: str, limit: int, output_format: str) -> 
 @click.pass_obj
 def inspect_user(app: App, user_id: str, output_format: str) -> None:
     """The audiences USER_ID is in, what each URL was last told, and any deletion."""
-    record = _inspection(app).user(user_id, app.settings.tray.workflow_urls)
+    record = _inspection(app).user(user_id, app.settings.tray.urls)
     if output_format == "json":
         print_json(record)
         return
@@ -543,7 +543,7 @@ def inspect_runs(app: App, limit: int, output_format: str) -> None:
 @click.pass_obj
 def inspect_failures(app: App, limit: int, output_format: str) -> None:
     """Changes and deletes not yet delivered (retrying or rejected), per URL."""
-    records = _inspection(app).failures(app.settings.tray.workflow_urls, limit)
+    records = _inspection(app).failures(app.settings.tray.urls, limit)
     if output_format == "json":
         print_json(records)
         return

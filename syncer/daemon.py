@@ -85,7 +85,7 @@ class Daemon:
             "daemon_started",
             cron=self.settings.schedule.cron,
             interval_seconds=self.settings.schedule.interval_seconds,
-            urls=len(self.settings.tray.workflow_urls),
+            urls=len(self.settings.tray.urls),
         )
         self.scheduler.start()
         if not self.idle.wait(STOP_DEADLINE_SECONDS):

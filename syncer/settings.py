@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from syncer.core.durations import parse_duration
+from syncer.core.routing import Route
 from syncer.core.urls import canonical_url
 from syncer.errors import ConfigError
 
@@ -82,19 +83,46 @@ def driver_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
-class TraySettings(_Section):
-    """The workflows to tell, and the secret that signs what they are told."""
+class WorkflowSettings(_Section):
+    """One workflow URL, with what it receives and, if its own, the secret that signs it."""
 
-    workflow_urls: list[str]
+    url: str
+    audiences: list[Annotated[str, Field(min_length=1)]] | None = None
+    traits: list[Annotated[str, Field(min_length=1)]] | None = None
     shared_secret: SecretStr | None = None
+
+    @property
+    def route(self) -> Route:
+        """Which audiences and traits this URL receives."""
+        return Route.of(self.audiences, self.traits)
+
+
+class TraySettings(_Section):
+    """The workflows to tell, and the secret that signs what they are told.
+
+    Each ``workflow_urls`` entry is a URL, or an inline table ``{url = "…", audiences = […],
+    traits = […], shared_secret = "…"}``.
+    """
+
+    workflow_urls: list[WorkflowSettings]
+    shared_secret: SecretStr | None = None
+
+    @field_validator("workflow_urls", mode="before")
+    @classmethod
+    def _entries(cls, entries: Any) -> Any:
+        # A plain URL is an entry that receives everything and signs with [tray] shared_secret.
+        if isinstance(entries, list):
+            return [{"url": entry} if isinstance(entry, str) else entry for entry in entries]
+        return entries
 
     @field_validator("workflow_urls")
     @classmethod
-    def _valid_urls(cls, urls: list[str]) -> list[str]:
-        if not 1 <= len(urls) <= MAX_WORKFLOW_URLS:
-            raise ValueError(f"{len(urls)} URLs given; 1 to {MAX_WORKFLOW_URLS} are allowed")
+    def _valid_urls(cls, entries: list[WorkflowSettings]) -> list[WorkflowSettings]:
+        if not 1 <= len(entries) <= MAX_WORKFLOW_URLS:
+            raise ValueError(f"{len(entries)} URLs given; 1 to {MAX_WORKFLOW_URLS} are allowed")
         seen: dict[str, str] = {}
-        for url in urls:
+        for entry in entries:
+            url = entry.url
             if url != url.strip():
                 raise ValueError(f"{url!r} is not an http:// or https:// URL")
             # The same workflow written twice (case, default port, trailing slash) would be told
@@ -103,14 +131,39 @@ class TraySettings(_Section):
             if same in seen:
                 raise ValueError(f"{url!r} is the same workflow as {seen[same]!r}")
             seen[same] = url
-        return urls
+        return entries
+
+    @property
+    def urls(self) -> list[str]:
+        """The workflow URLs, as configured, in order."""
+        return [entry.url for entry in self.workflow_urls]
+
+    def workflow(self, url: str) -> WorkflowSettings:
+        """The entry of a configured URL (spelled as configured)."""
+        for entry in self.workflow_urls:
+            if entry.url == url:
+                return entry
+        raise KeyError(url)
+
+    def route(self, url: str) -> Route:
+        """Which audiences and traits a configured URL receives."""
+        return self.workflow(url).route
 
     @property
     def secret(self) -> str | None:
         """The shared secret as text, or None when requests go unsigned."""
-        if self.shared_secret is None:
-            return None
-        return self.shared_secret.get_secret_value() or None
+        return _text(self.shared_secret)
+
+    def secret_for(self, url: str) -> str | None:
+        """What signs the requests to a configured URL: its own secret, else ``secret``."""
+        own = self.workflow(url).shared_secret
+        return _text(own) if own is not None else self.secret
+
+
+def _text(secret: SecretStr | None) -> str | None:
+    if secret is None:
+        return None
+    return secret.get_secret_value() or None
 
 
 class EngageSettings(_Section):
@@ -249,6 +302,22 @@ def _absolute_sqlite_url(url: str, base: Path) -> str:
     return f"{prefix}:///{(base / path).resolve()}"
 
 
+def _own_secrets_from_environment(tray: Any) -> None:
+    # SYNCER_TRAY_SHARED_SECRET_<n> is the shared_secret of the n-th workflow_urls entry.
+    if not isinstance(tray, dict) or not isinstance(tray.get("workflow_urls"), list):
+        return
+    entries = list(tray["workflow_urls"])
+    for number, entry in enumerate(entries, start=1):
+        own = os.environ.get(f"{SECRET_ENV}_{number}")
+        if own is None:
+            continue
+        if isinstance(entry, str):
+            entries[number - 1] = {"url": entry, "shared_secret": own}
+        elif isinstance(entry, dict):
+            entries[number - 1] = {**entry, "shared_secret": own}
+    tray["workflow_urls"] = entries
+
+
 def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Settings:
     """Validate settings given as a mapping, applying environment overrides."""
     data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
@@ -257,6 +326,7 @@ def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Sett
         tray = data.setdefault("tray", {})
         if isinstance(tray, dict):
             tray["shared_secret"] = secret
+    _own_secrets_from_environment(data.get("tray"))
     database_url = os.environ.get(DATABASE_URL_ENV)
     if database_url:
         database = data.setdefault("database", {})

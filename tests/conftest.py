@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,9 @@ def standin() -> Iterator[TrayStandin]:
         yield server
 
 
-def make_settings(database_url: str, urls: list[str], **delivery: Any) -> Settings:
-    """Settings for a test: fast retries unless the test asks otherwise."""
+def make_settings(database_url: str, urls: Sequence[Any], **delivery: Any) -> Settings:
+    """Settings for a test: fast retries unless the test asks otherwise. ``urls``: the
+    ``workflow_urls`` entries (URLs, or tables with routing and a secret of their own)."""
     delivery_settings: dict[str, Any] = {
         "concurrency": 4,
         "timeout_seconds": 5,
@@ -96,7 +97,7 @@ def make_settings(database_url: str, urls: list[str], **delivery: Any) -> Settin
     return settings_from_mapping(
         {
             "database": {"url": database_url},
-            "tray": {"workflow_urls": urls, "shared_secret": SECRET},
+            "tray": {"workflow_urls": list(urls), "shared_secret": SECRET},
             "engage": {"space_id": "spa_test"},
             "delivery": delivery_settings,
         },
@@ -190,7 +191,7 @@ def told_values(store: Store, url: str, audience_id: str) -> dict[str, str]:
 
 
 def run_sync(
-    store: Store, urls: list[str], options: SyncOptions | None = None, **delivery: Any
+    store: Store, urls: Sequence[Any], options: SyncOptions | None = None, **delivery: Any
 ) -> SyncReport:
     """One real sync run against real URLs."""
     settings = make_settings(str(store.engine.url.render_as_string(False)), urls, **delivery)

@@ -48,12 +48,13 @@ async def deliver_deletions(
         report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
         if claimed:
             cursor = claimed[-1].deletion_id
+        secret = context.settings.tray.secret_for(sender.url)
         signed = []
         for deletion in claimed:
             body = delete_body(
                 deletion.user_id, deletion.deletion_id, deletion.requested_at, store.namespace
             )
-            signed.append((deletion, body, signature_headers(body, context.settings.tray.secret)))
+            signed.append((deletion, body, signature_headers(body, secret)))
         return paced(signed, slots, asyncio.get_running_loop().time())
 
     await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)

@@ -231,8 +231,11 @@ class SyncEngine:
         started = time.monotonic()
         syncable, report = self._resolve(options)
         delivery = self.settings.delivery
-        for url in options.urls(self.settings.tray.workflow_urls):
+        for url in options.urls(self.settings.tray.urls):
+            route = self.settings.tray.route(url)
             for row, key in syncable:
+                if not route.takes_audience(key):
+                    continue
                 pair = PairReport(url=url, audience_id=row.audience_id, key=key)
                 result = self.store.planning.dry_run(
                     url,
@@ -257,7 +260,7 @@ class SyncEngine:
         context, store = self.context, self.store
         started = time.monotonic()
         syncable, report = await context.db(self._resolve, options)
-        configured = self.settings.tray.workflow_urls
+        configured = self.settings.tray.urls
         urls = options.urls(configured)
         # Every configured URL, even with --url: the others are not removed.
         destination_ids = await context.db(store.destinations.ensure, configured, utcnow())
@@ -363,7 +366,12 @@ class SyncEngine:
         reports = []
         idle: list[str] = []
         busy: list[tuple[AudienceRow, str]] = []
+        # An audience the URL does not receive is left as it is: what the URL was told stays
+        # recorded, so that receiving it again later sends only the net changes.
+        route = self.settings.tray.route(sender.url)
         for row, key in audiences:
+            if not route.takes_audience(key):
+                continue
             if with_work is not None and (destination_id, row.audience_id) not in with_work:
                 reports.append(PairReport(url=sender.url, audience_id=row.audience_id, key=key))
                 idle.append(row.audience_id)
@@ -433,7 +441,7 @@ class SyncEngine:
     async def _delete_users(self, user_ids: Sequence[str]) -> SyncReport:
         context, store = self.context, self.store
         started = time.monotonic()
-        urls = self.settings.tray.workflow_urls
+        urls = self.settings.tray.urls
         destination_ids = await context.db(store.destinations.ensure, urls, utcnow())
         await context.db(
             store.deletions.suppress, list(user_ids), list(destination_ids.values()), utcnow()

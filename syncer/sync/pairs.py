@@ -193,7 +193,7 @@ async def _deliver(
                 max_rejections=delivery.max_rejections,
                 rate_per_second=delivery.rate_limit_per_second,
                 clear_refusal=not sender.refusal_cleared,
-                secret=context.settings.tray.secret,
+                secret=context.settings.tray.secret_for(sender.url),
             )
         )
         if any(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):

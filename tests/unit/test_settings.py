@@ -29,7 +29,7 @@ def valid(**sections: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def tray(urls: list[str]) -> dict[str, Any]:
+def tray(urls: list[Any]) -> dict[str, Any]:
     return {"workflow_urls": urls, "shared_secret": SECRET}
 
 
@@ -95,6 +95,42 @@ INVALID = [
     pytest.param(
         valid(database={"url": "mysql://x"}), "database.url", "sqlite", id="mysql-database"
     ),
+    pytest.param(
+        valid(tray=tray([URL, {"url": "https://b.example/", "send": "track"}])),
+        "tray.workflow_urls[1].send",
+        "unknown key",
+        id="unknown-key-in-a-url-table",
+    ),
+    pytest.param(
+        valid(tray=tray([{"audiences": ["a_*"]}])),
+        "tray.workflow_urls[0].url",
+        "required",
+        id="url-table-without-url",
+    ),
+    pytest.param(
+        valid(tray=tray([{"url": URL, "audiences": "loyal_*"}])),
+        "tray.workflow_urls[0].audiences",
+        "list",
+        id="patterns-not-a-list",
+    ),
+    pytest.param(
+        valid(tray=tray([{"url": URL, "traits": [""]}])),
+        "tray.workflow_urls[0].traits[0]",
+        "at least 1 character",
+        id="empty-pattern",
+    ),
+    pytest.param(
+        valid(tray=tray([URL, {"url": "HTTPS://A.example/workflow/"}])),
+        "tray.workflow_urls",
+        "same workflow",
+        id="duplicate-url-as-table",
+    ),
+    pytest.param(
+        valid(tray=tray([{"url": "ftp://a.example/x", "shared_secret": SECRET}])),
+        "tray.workflow_urls",
+        "ftp://",
+        id="ftp-url-in-a-table-with-its-secret",
+    ),
 ]
 
 
@@ -125,7 +161,7 @@ def test_invalid_settings_never_show_env_secret(
 def test_ten_urls_allowed() -> None:
     urls = [f"https://a.example/{i}" for i in range(10)]
     settings = settings_from_mapping(valid(tray=tray(urls)), SOURCE, BASE)
-    assert settings.tray.workflow_urls == urls
+    assert settings.tray.urls == urls
 
 
 def test_default_interval_is_fifteen_minutes() -> None:
@@ -226,3 +262,51 @@ def test_the_schema_revision_checked_at_start_is_the_head_of_the_migrations() ->
     from syncer.store.database import SCHEMA_REVISION, head_revision
 
     assert head_revision() == SCHEMA_REVISION
+
+
+# ---------------------------------------------------------------------------------------------
+# workflow_urls entries as inline tables: routing and a secret of their own
+
+
+def test_url_entries_may_be_tables_with_patterns_and_their_own_secret() -> None:
+    own = "own-secret-of-b"
+    settings = settings_from_mapping(
+        valid(
+            tray=tray(
+                [URL, {"url": "https://b.example/", "audiences": ["loyal_*"], "shared_secret": own}]
+            )
+        ),
+        SOURCE,
+        BASE,
+    )
+    tray_settings = settings.tray
+    assert tray_settings.urls == [URL, "https://b.example/"]
+    assert tray_settings.secret_for(URL) == SECRET
+    assert tray_settings.secret_for("https://b.example/") == own
+    assert tray_settings.route(URL).takes_audience("churn_risk")
+    assert tray_settings.route("https://b.example/").takes_audience("loyal_customers")
+    assert not tray_settings.route("https://b.example/").takes_audience("churn_risk")
+    for text in (str(settings), repr(settings)):
+        assert own not in text and SECRET not in text
+
+
+@pytest.mark.parametrize("entry_is_table", [False, True])
+def test_env_overrides_the_secret_of_one_url_by_its_position(
+    monkeypatch: pytest.MonkeyPatch, entry_is_table: bool
+) -> None:
+    second: Any = {"url": "https://b.example/", "shared_secret": "from-file"}
+    if not entry_is_table:
+        second = "https://b.example/"
+    data = valid(tray=tray([URL, second]))
+    monkeypatch.setenv(f"{SECRET_ENV}_2", "from-env-for-b")
+    settings = settings_from_mapping(data, SOURCE, BASE)
+    assert settings.tray.secret_for("https://b.example/") == "from-env-for-b"
+    assert settings.tray.secret_for(URL) == SECRET
+    assert data["tray"]["workflow_urls"][1] == second  # the input is left as it was
+
+
+def test_an_empty_own_secret_means_unsigned() -> None:
+    settings = settings_from_mapping(
+        valid(tray=tray([{"url": URL, "shared_secret": ""}])), SOURCE, BASE
+    )
+    assert settings.tray.secret_for(URL) is None
