@@ -3,7 +3,7 @@
 On SQLite the database engine runs inside the syncer's own process, so every exchange's SQL,
 and the Python around it, competes with the sender for the one interpreter: on this project's
 benchmark the sending thread then had the interpreter for about five sixths of a first sync
-(README, "Delivery speed"). A helper process with its own connection to the same file takes
+(README, "Benchmarks"). A helper process with its own connection to the same file takes
 that work, and the building of the bodies, to the machine's other core: a first sync of
 200,000 memberships ran in 83 s instead of 109 s (interleaved runs, same sink). On PostgreSQL
 the SQL already runs in the server, and a helper measured no faster: none is started there.
@@ -38,8 +38,9 @@ log = structlog.get_logger("syncer.helper")
 
 T = TypeVar("T")
 
-# A pair with fewer changes than this is sent without the helper: starting one costs about
-# half a second of the other core, which a delivery this small would not win back.
+# A pair with fewer changes than this is sent without the helper: starting one costs half a
+# second to a second and a half of the other core (the child imports SQLAlchemy and the
+# store), which a delivery this small would not win back.
 HELPER_MIN_CHANGES = 2_000
 
 # How often the helper checks that its parent is still alive.
