@@ -6,11 +6,12 @@ The caller's ``exchange(results, want)`` records the outcomes handed to it and c
 items to send (waiting or in flight), so that the connections keep working while the database
 does. 6 and 6 measured best on both databases:
 with 3 and 3 on PostgreSQL the sender had free connections and nothing to send for a sixth of a
-first sync, with 6 and 6 for a twentieth; on SQLite, where the exchange competes with the sender
-for the interpreter, 3 and 1 left it so for a third, 6 and 6 for a fifth, and the first sync was
-about 6% faster (five interleaved runs each). A worker thus holds at most
-``chunk_size(concurrency)`` items claimed (waiting, in flight, or answered and not yet
-recorded): a crash re-sends at most that many per URL and worker. It knows nothing of audiences.
+first sync, with 6 and 6 for a twentieth; on SQLite, with the exchange in the sending process
+(measured before the store's helper process took it elsewhere), 3 and 1 left it so for a
+third, 6 and 6 for a fifth, and the first sync was about 6% faster (five interleaved runs
+each). A worker thus holds at most ``chunk_size(concurrency)`` items claimed (waiting, in
+flight, or answered and not yet recorded): a crash re-sends at most that many per URL and
+worker. It knows nothing of audiences.
 """
 
 from __future__ import annotations
