@@ -1,4 +1,4 @@
-from syncer.cli import run
+from syncer.cli import console
 
 if __name__ == "__main__":
-    run()
+    console()

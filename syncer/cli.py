@@ -6,6 +6,7 @@ settings or usage; 3 database unreachable or not migrated; 4 internal error.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -594,3 +595,17 @@ def run(argv: list[str] | None = None) -> None:
         )
         code = EXIT_INTERNAL
     sys.exit(code)
+
+
+def console() -> None:
+    """The `syncer` command (``python -m syncer`` too): :func:`run`, then a quick exit.
+
+    What the command built stays alive until the interpreter ends, and its final garbage
+    collection would walk all of it (every module SQLAlchemy, pydantic and aiohttp loaded): a
+    quarter of a second at every exit on this project's 2-core machine. Frozen objects are
+    skipped by that walk; atexit handlers and buffered output are unaffected.
+    """
+    try:
+        run()
+    finally:
+        gc.freeze()
