@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
@@ -145,16 +144,19 @@ def cli(
     )
 
 
-def parallel(*calls: Callable[[], T]) -> list[T]:
-    """Call independent functions at once (e.g. read-only commands); their results in order."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [future.result() for future in futures]
+def call_each(*calls: Callable[[], T]) -> list[T]:
+    """Call independent functions one after another, on this thread; their results in order.
+
+    On this thread, a command runs in this process (see tests.conftest.runs_in_process): a few
+    hundredths of a second, where threads would start a child each, a second of imports on two
+    shared cores.
+    """
+    return [call() for call in calls]
 
 
 def cli_many(*commands: Sequence[str], settings: Path | None = None, **kwargs: Any) -> list[Result]:
-    """Run several independent commands at once, with the same settings."""
-    return parallel(*(partial(cli, *args, settings=settings, **kwargs) for args in commands))
+    """Run several independent commands, with the same settings (see call_each)."""
+    return call_each(*(partial(cli, *args, settings=settings, **kwargs) for args in commands))
 
 
 def show(result: Result) -> str:

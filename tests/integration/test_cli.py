@@ -27,13 +27,13 @@ from syncer.store.database import create_database_engine, head_revision
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, sent_values
 from tests.integration.cli_helpers import (
+    call_each,
     cli,
     cli_env,
     cli_many,
     db_rows,
     dump_tables,
     json_out,
-    parallel,
     settings_sections,
     show,
     sqlite_upstream,
@@ -212,7 +212,7 @@ def test_invalid_settings_exit_2_with_one_line_and_touch_nothing(
         paths.append(path)
     populated_before = populated.read_bytes()
 
-    sync, migrate = parallel(
+    sync, migrate = call_each(
         partial(cli, "sync", settings=paths[0], cwd=tmp_path / "a"),
         partial(cli, "migrate", settings=paths[1], cwd=tmp_path / "b"),
     )
@@ -402,8 +402,7 @@ def test_dry_run_prints_per_url_what_would_be_sent_and_sends_and_changes_nothing
 
 
 def test_shared_secret_is_never_printed_logged_or_stored(tmp_path: Path) -> None:
-    # SQLite only: what is written where does not depend on the database, and each of the
-    # seventeen commands below costs a process start.
+    # SQLite only: what is written where does not depend on the database.
     with sqlite_upstream(tmp_path / "syncer.db") as (database_url, upstream):
         upstream.add_audience("aud_1", "Buyers")
         upstream.add("aud_1", "u1", "u2", email="someone@example.com")
@@ -466,7 +465,7 @@ def check_secret_is_never_shown_or_stored(
     }
     for name, content in invalid.items():
         (tmp_path / name).write_text(content, encoding="utf-8")
-    errors = parallel(
+    errors = call_each(
         partial(cli, "sync", settings=tmp_path / "wrong-type.toml"),
         partial(cli, "sync", settings=tmp_path / "unterminated.toml"),
         partial(

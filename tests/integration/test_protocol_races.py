@@ -47,9 +47,9 @@ from syncer.store.schema import audience_memberships, audiences
 from syncer.testing.tray_standin import Received, Reply, TrayStandin
 from tests.integration.cli_helpers import (
     Result,
+    call_each,
     cli,
     json_out,
-    parallel,
     show,
     sync_in_process,
     wait_until,
@@ -191,12 +191,12 @@ def inspect(settings: Path, *what: str) -> Any:
 
 
 def inspect_all(settings: Path, *questions: tuple[str, ...]) -> list[Any]:
-    """Several read-only inspections at once (each is a process start)."""
+    """Several read-only inspections (see call_each)."""
 
     def asker(question: tuple[str, ...]) -> Callable[[], Any]:
         return lambda: inspect(settings, *question)
 
-    return parallel(*(asker(question) for question in questions))
+    return call_each(*(asker(question) for question in questions))
 
 
 def finish(process: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
@@ -670,7 +670,7 @@ def test_url_edit_keeps_its_debts_and_a_removed_url_is_reported_until_forgotten(
         ("delete", "stayer")
     ], failures
 
-    unconfirmed, configured = parallel(
+    unconfirmed, configured = call_each(
         lambda: cli("forget-url", slashed, settings=settings),
         lambda: cli("forget-url", other, "--yes", settings=settings),
     )
@@ -722,7 +722,7 @@ def test_malformed_database_url_is_a_settings_error_naming_where_it_came_from(
         runs.append((url, "database.url", partial(cli, "migrate", settings=in_file)))
         from_env = partial(cli, "migrate", settings=in_env, env={"SYNCER_DATABASE_URL": url})
         runs.append((url, "SYNCER_DATABASE_URL", from_env))
-    results = parallel(*(run for _, _, run in runs))
+    results = call_each(*(run for _, _, run in runs))
     wrong = [
         f"{url} via {named}\n{show(result)}"
         for (url, named, _), result in zip(runs, results, strict=True)
