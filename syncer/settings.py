@@ -170,6 +170,9 @@ class EngageSettings(_Section):
     """The Engage space the computations are said to come from."""
 
     space_id: Annotated[str, Field(min_length=1)] = "spa_syncer"
+    # A member whose email or anonymous_id changes upstream is sent their identify again (so a
+    # workflow keyed by email follows); off, a URL keeps the identity it was first told.
+    resend_on_identity_change: bool = False
 
 
 class ScheduleSettings(_Section):

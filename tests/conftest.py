@@ -186,9 +186,16 @@ def standin() -> Iterator[TrayStandin]:
         yield server
 
 
-def make_settings(database_url: str, urls: Sequence[Any], **delivery: Any) -> Settings:
+def make_settings(
+    database_url: str,
+    urls: Sequence[Any],
+    *,
+    engage: dict[str, Any] | None = None,
+    **delivery: Any,
+) -> Settings:
     """Settings for a test: fast retries unless the test asks otherwise. ``urls``: the
-    ``workflow_urls`` entries (URLs, or tables with routing and a secret of their own)."""
+    ``workflow_urls`` entries (URLs, or tables with routing and a secret of their own);
+    ``engage``: keys of ``[engage]`` besides its space_id; the rest: keys of ``[delivery]``."""
     delivery_settings: dict[str, Any] = {
         "concurrency": 4,
         "timeout_seconds": 5,
@@ -202,7 +209,7 @@ def make_settings(database_url: str, urls: Sequence[Any], **delivery: Any) -> Se
         {
             "database": {"url": database_url},
             "tray": {"workflow_urls": list(urls), "shared_secret": SECRET},
-            "engage": {"space_id": "spa_test"},
+            "engage": {"space_id": "spa_test", **(engage or {})},
             "delivery": delivery_settings,
         },
         "test",

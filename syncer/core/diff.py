@@ -47,6 +47,9 @@ class Queued:
     value: str
     attempted: bool = False
     forced: bool = False
+    # Of a member: it names them by an email or anonymousId other than their row's now (set
+    # only with `resend_on_identity_change`).
+    stale_identity: bool = False
 
 
 def wanted_value(
@@ -80,6 +83,7 @@ def plan_user(
     current: str = TRUE,
     full: bool = False,
     absent_value: str = FALSE,
+    identity_changed: bool = False,
 ) -> UserPlan:
     """Plan one user: keep, replace, drop or add their queued change.
 
@@ -87,6 +91,10 @@ def plan_user(
     suppressed user's queued change is dropped and nothing is added. Otherwise the URL is sent
     the wanted value when it is not certainly what the URL holds (or ``full`` re-sends a
     member); a queued change with that value is kept, any other is replaced.
+
+    ``identity_changed`` (given only with `resend_on_identity_change`): the member's email or
+    anonymousId is not the one the URL was last told with, so their value is sent again; and a
+    queued change naming them the old way (``Queued.stale_identity``) is replaced.
     """
     if presence is Presence.INVALID:
         return UserPlan(keep=queued is not None)
@@ -96,11 +104,15 @@ def plan_user(
         wanted = wanted_value(
             presence, Told(told.value, uncertain), current=current, absent_value=absent_value
         )
-    forced = full or (queued is not None and queued.forced)
+    # A forced change replaced for its stale identity is not forced again: the new one is
+    # needed only if the URL does not certainly hold the value under the identity it has now.
+    forced = full or (queued is not None and queued.forced and not queued.stale_identity)
     needed = wanted is not None and (
-        uncertain or told.value != wanted or (forced and presence is Presence.MEMBER)
+        uncertain
+        or told.value != wanted
+        or (presence is Presence.MEMBER and (forced or identity_changed))
     )
-    if queued is not None and needed and queued.value == wanted:
+    if queued is not None and needed and queued.value == wanted and not queued.stale_identity:
         return UserPlan(keep=True)
     mark = queued is not None and queued.attempted and presence is not Presence.SUPPRESSED
     return UserPlan(add=wanted if needed else None, mark_unsure=mark)

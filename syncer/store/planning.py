@@ -100,6 +100,16 @@ class _Held(Exception):
         self.reason = reason
 
 
+def _same(one: Any, other: Any) -> ColumnElement[bool]:
+    # An empty string is sent as absent (syncer.core.payload), so it is the same as NULL.
+    return func.nullif(one, "").is_not_distinct_from(func.nullif(other, ""))
+
+
+def same_identity(one: Any, other: Any) -> ColumnElement[bool]:
+    """Two rows' columns name a user the same way: the same anonymous_id and email."""
+    return and_(_same(one.anonymous_id, other.anonymous_id), _same(one.email, other.email))
+
+
 @dataclass(frozen=True)
 class _Pair:
     """The SQL predicates of one (URL, audience), for the statements of a plan."""
@@ -107,6 +117,9 @@ class _Pair:
     connection: Connection
     destination_id: int
     audience_id: str
+    # `resend_on_identity_change`: a member told under another email or anonymousId than their
+    # row's now is not certainly told.
+    resend_identity: bool = False
 
     def outbox(self) -> ColumnElement[bool]:
         return and_(
@@ -136,6 +149,34 @@ class _Pair:
 
     def certainly_true(self, user: Any) -> ColumnElement[bool]:
         return exists().where(self._state(user), state.c.value == TRUE, state.c.unsure == false())
+
+    def certainly_told_as_member(self, user: Any) -> ColumnElement[bool]:
+        """The URL certainly holds ``true`` for this member, under the identity they have now
+        when identities matter (``resend_identity``)."""
+        if not self.resend_identity:
+            return self.certainly_true(user)
+        member = _m.alias("member_now")
+        return exists().where(
+            self._state(user),
+            state.c.value == TRUE,
+            state.c.unsure == false(),
+            member.c.audience_id == self.audience_id,
+            member.c.user_id == user,
+            same_identity(state.c, member.c),
+        )
+
+    def names_member_as_now(self, anonymous_id: Any, email: Any, user: Any) -> ColumnElement[bool]:
+        """A change naming ``user`` this way still names them as their row does (always true
+        unless identities matter)."""
+        if not self.resend_identity:
+            return true()
+        member = _m.alias("member_now")
+        return exists().where(
+            member.c.audience_id == self.audience_id,
+            member.c.user_id == user,
+            _same(member.c.anonymous_id, anonymous_id),
+            _same(member.c.email, email),
+        )
 
     def may_hold_a_value(self, user: Any) -> ColumnElement[bool]:
         return exists().where(
@@ -239,11 +280,12 @@ def _plan_in(
             and_(
                 o.value == TRUE,
                 pair.valid_member(o.user_id),
+                pair.names_member_as_now(o.anonymous_id, o.email, o.user_id),
                 or_(
                     OUTBOX_MAYBE_PROCESSED,
                     o.forced,
                     literal(full, Boolean),
-                    not_(pair.certainly_true(o.user_id)),
+                    not_(pair.certainly_told_as_member(o.user_id)),
                 ),
             ),
             and_(
@@ -274,7 +316,7 @@ def _plan_in(
         _m.c.audience_id == pair.audience_id,
         not_(pair.suppressed(_m.c.user_id)),
         not_(pair.queued(_m.c.user_id)),
-        or_(literal(full, Boolean), not_(pair.certainly_true(_m.c.user_id))),
+        or_(literal(full, Boolean), not_(pair.certainly_told_as_member(_m.c.user_id))),
     )
     problem = row_problem(connection, _m.c.user_id, _m.c.anonymous_id, _m.c.email)
     fields = _new_change(pair, TRUE, full, now)
@@ -370,7 +412,11 @@ class PlanStore:
         self.engine = engine
 
     def pairs_with_work(
-        self, destination_ids: list[int], audience_ids: list[str]
+        self,
+        destination_ids: list[int],
+        audience_ids: list[str],
+        *,
+        resend_on_identity_change: bool = False,
     ) -> set[tuple[int, str]]:
         """The (URL, audience) pairs a run must plan, found in a few set-based statements over
         every pair at once: those with changes queued or rejected, those held, those with a
@@ -404,6 +450,7 @@ class PlanStore:
                 s.user_id == _m.c.user_id,
                 STATE_TOLD_TRUE,
                 s.unsure == false(),
+                same_identity(s, _m.c) if resend_on_identity_change else true(),
             )
             # The URL is the outermost query's, two levels up: left to itself, SQLAlchemy
             # correlates only with the query just around, and would ask about every URL.
@@ -449,16 +496,19 @@ class PlanStore:
         now: datetime,
         limits: GuardLimits,
         retry_rejected: bool = True,
+        resend_on_identity_change: bool = False,
     ) -> PlanResult:
         """Make the pair's outbox hold exactly what its URL must be told, or hold the pair.
 
         ``retry_rejected``: put changes rejected earlier back in line (the first plan of a run
         does; a second plan in the same run does not, so a rejection counts once per run).
+        ``resend_on_identity_change``: a member whose email or anonymousId is not the one the
+        URL was told with is sent again (see :func:`syncer.core.diff.plan_user`).
         """
 
         def attempt() -> PlanResult:
             with writing(self.engine, snapshot=True) as connection:
-                pair = _Pair(connection, destination_id, audience_id)
+                pair = _Pair(connection, destination_id, audience_id, resend_on_identity_change)
                 _ensure_pair(connection, destination_id, audience_id)
                 try:
                     with connection.begin_nested():
@@ -503,6 +553,7 @@ class PlanStore:
         limits: GuardLimits,
         batch_size: int,
         emit: Callable[[str, str], None],
+        resend_on_identity_change: bool = False,
     ) -> PlanResult:
         """Plan exactly as a run would, hand every change it would send to ``emit(user, value)``
         in batches, then undo everything: nothing is written."""
@@ -515,7 +566,7 @@ class PlanStore:
             destination_id = connection.execute(
                 select(destinations.c.id).where(destinations.c.canonical == canonical)
             ).scalar_one()
-            pair = _Pair(connection, destination_id, audience_id)
+            pair = _Pair(connection, destination_id, audience_id, resend_on_identity_change)
             _ensure_pair(connection, destination_id, audience_id)
             try:
                 with connection.begin_nested():

@@ -246,6 +246,7 @@ class SyncEngine:
                     limits=self.context.guard_limits,
                     batch_size=delivery.batch_size,
                     emit=partial(_emit_for, emit, url, key),
+                    resend_on_identity_change=self.settings.engage.resend_on_identity_change,
                 )
                 if result.outcome is PlanOutcome.HELD:
                     pair.state, pair.note = PairState.HELD, f"held: {result.hold_reason}"
@@ -291,7 +292,10 @@ class SyncEngine:
         with_work = None
         if not options.full:
             with_work = await context.db(
-                store.planning.pairs_with_work,
+                partial(
+                    store.planning.pairs_with_work,
+                    resend_on_identity_change=self.settings.engage.resend_on_identity_change,
+                ),
                 [destination_ids[url] for url in urls],
                 [row.audience_id for row, _ in locked],
             )

@@ -45,6 +45,7 @@ async def plan_pair(
         now=utcnow(),
         limits=context.guard_limits,
         retry_rejected=first_round,
+        resend_on_identity_change=context.settings.engage.resend_on_identity_change,
     )
 
 

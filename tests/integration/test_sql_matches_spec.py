@@ -86,6 +86,10 @@ class UserRows:
     suppressed: bool
     told: StateRow | None
     queued: OutboxRow | None
+    # The URL was told, and the change is queued, under the identity (anonymous_id, email) the
+    # membership row has now; otherwise under older ones.
+    told_as_member: bool = False
+    queued_as_member: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class PairState:
     retry_rejected: bool  # the first plan of a run re-arms rejected changes; a second does not
     now_offset_ms: int  # the plan's clock against the pair's last plan (may be behind it)
     plan_again: bool  # check that planning again changes nothing
+    resend_identity: bool = False  # [engage] resend_on_identity_change
 
 
 def user_situations(status_and_claim: list[tuple[ChangeStatus, str | None]]) -> list[UserRows]:
@@ -131,16 +136,23 @@ CLAIMS = [None, "live", "expired"]
 # The property draws each user's rows from every combination (which shrinks towards the
 # simplest): far cheaper to generate than field by field, and as likely to meet each one.
 ALL_SITUATIONS = user_situations(list(itertools.product(STATUSES, CLAIMS)))
+situations = st.builds(
+    dataclasses.replace,
+    st.sampled_from(ALL_SITUATIONS),
+    told_as_member=st.booleans(),
+    queued_as_member=st.booleans(),
+)
 pair_states = st.builds(
     PairState,
     # A plan costs about the same for 1 user as for 20: many users per example.
-    st.lists(st.sampled_from(ALL_SITUATIONS), min_size=len(USERS) // 2, max_size=len(USERS)).map(
+    st.lists(situations, min_size=len(USERS) // 2, max_size=len(USERS)).map(
         lambda rows: dict(zip(USERS[: len(rows)], rows, strict=True))
     ),
     st.booleans(),
     st.booleans(),
     st.integers(min_value=-2_000, max_value=2_000),
     st.just(False),  # planning again is checked on every situation at once (below): it is slow
+    st.booleans(),
 )
 
 
@@ -152,6 +164,26 @@ def membership_values(user: str, kind: str) -> dict[str, Any]:
         "anonymous_id": f"anon-{user}-m",
         "email": email,
     }
+
+
+def told_identity(user: str, rows: UserRows) -> tuple[str, str]:
+    if rows.told_as_member and rows.membership is not None:
+        member = membership_values(user, rows.membership)
+        return member["anonymous_id"], member["email"]
+    return f"anon-{user}-s", f"{user}@s.example"
+
+
+def queued_identity(user: str, rows: UserRows) -> tuple[str, str]:
+    if rows.queued_as_member and rows.membership is not None:
+        member = membership_values(user, rows.membership)
+        return member["anonymous_id"], member["email"]
+    return f"anon-{user}-o", f"{user}@o.example"
+
+
+def identity_changed(user: str, rows: UserRows, pair: PairState) -> bool:
+    """The spec's ``identity_changed``: identities matter, and the URL was told of this member
+    under another identity than their row's."""
+    return pair.resend_identity and rows.membership is not None and not rows.told_as_member
 
 
 def presence_of(user: str, rows: UserRows) -> Presence:
@@ -175,6 +207,14 @@ def queued_of(rows: UserRows) -> Queued | None:
         return None
     # A claimed change may have been sent whatever was recorded: the spec's "attempted".
     return Queued(q.value, attempted=q.attempted or q.claim is not None, forced=q.forced)
+
+
+def queued_in(user: str, rows: UserRows, pair: PairState) -> Queued | None:
+    """The spec's view of the queued change, its identity looked at when identities matter."""
+    queued = queued_of(rows)
+    if queued is None or not pair.resend_identity or rows.membership is None:
+        return queued
+    return dataclasses.replace(queued, stale_identity=not rows.queued_as_member)
 
 
 # --- the tables -----------------------------------------------------------------------------------
@@ -227,8 +267,8 @@ class SpecPair:
                     "user_id": u,
                     "value": r.told.value,
                     "unsure": r.told.unsure,
-                    "anonymous_id": f"anon-{u}-s",
-                    "email": f"{u}@s.example",
+                    "anonymous_id": told_identity(u, r)[0],
+                    "email": told_identity(u, r)[1],
                 }
                 for u, r in users.items()
                 if r.told is not None
@@ -241,8 +281,8 @@ class SpecPair:
                     "audience_id": AUDIENCE,
                     "user_id": u,
                     "value": q.value,
-                    "anonymous_id": f"anon-{u}-o",
-                    "email": f"{u}@o.example",
+                    "anonymous_id": queued_identity(u, r)[0],
+                    "email": queued_identity(u, r)[1],
                     "forced": q.forced,
                     "attempted": q.attempted,
                     "created_at": LAST_PLANNED - timedelta(milliseconds=q.age_ms),
@@ -290,6 +330,7 @@ class SpecPair:
             now=now,
             limits=GUARD_OFF,
             retry_rejected=pair.retry_rejected,
+            resend_on_identity_change=pair.resend_identity,
         )
 
 
@@ -331,16 +372,20 @@ def assert_plan_follows_spec(spec_pair: SpecPair, pair: PairState, analyze: bool
     expected_state = dict(state_before)
     added_at = set()
     for user, rows in pair.users.items():
-        presence, told, queued = presence_of(user, rows), told_of(rows), queued_of(rows)
-        plan = plan_user(presence, told, queued, full=pair.full)
+        presence, told, queued = presence_of(user, rows), told_of(rows), queued_in(user, rows, pair)
+        changed = identity_changed(user, rows, pair)
+        plan = plan_user(presence, told, queued, full=pair.full, identity_changed=changed)
         plans[user] = plan
-        where = f"{user!r}: {presence.name} {told} {queued} {rows.queued} full={pair.full}"
+        where = (
+            f"{user!r}: {presence.name} {told} {queued} {rows.queued} full={pair.full} "
+            f"identity_changed={changed}"
+        )
         if plan.mark_unsure:
             old = state_before.get(user)
             expected_state[user] = (
                 (old[0], True, old[2], old[3])
                 if old
-                else (None, True, f"anon-{user}-o", f"{user}@o.example")
+                else (None, True, *queued_identity(user, rows))
             )
         if plan.keep:
             old_row, new_row = before[user], after.get(user)
@@ -388,7 +433,14 @@ def assert_plan_follows_spec(spec_pair: SpecPair, pair: PairState, analyze: bool
         for user, rows in pair.users.items()
         if presence_of(user, rows) is Presence.INVALID
         and user not in after
-        and plan_user(Presence.MEMBER, told_of(rows), None, full=pair.full).add is not None
+        and plan_user(
+            Presence.MEMBER,
+            told_of(rows),
+            None,
+            full=pair.full,
+            identity_changed=identity_changed(user, rows, pair),
+        ).add
+        is not None
     ]
     assert result == PlanResult(
         PlanOutcome.PLANNED,
@@ -444,6 +496,21 @@ def test_every_situation_at_once_follows_the_spec(spec_pair: SpecPair) -> None:
         users, full=True, retry_rejected=False, now_offset_ms=-1_500, plan_again=False
     )
     assert_plan_follows_spec(spec_pair, full_again, analyze=True)
+    # With resend_on_identity_change: each situation told, and queued, under the member's
+    # identity now or under an older one (in turn).
+    with_identities = {
+        user: dataclasses.replace(rows, told_as_member=n % 2 == 0, queued_as_member=n % 4 < 2)
+        for n, (user, rows) in enumerate(users.items())
+    }
+    identities = PairState(
+        with_identities,
+        full=False,
+        retry_rejected=True,
+        now_offset_ms=0,
+        plan_again=True,
+        resend_identity=True,
+    )
+    assert_plan_follows_spec(spec_pair, identities, analyze=True)
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -280,6 +280,50 @@ def test_plan_user_for_trait_values(
     assert plan_user(presence, told, queued, current='"gold"', absent_value="null") == expect
 
 
+# With `resend_on_identity_change`: ``identity_changed`` is the member's identity against the
+# one the URL was told with; ``stale_identity`` a queued change's against the member's now.
+@pytest.mark.parametrize(
+    ("presence", "told", "queued", "identity_changed", "expect"),
+    [
+        pytest.param(MEMBER, Told(TRUE), None, True, add(TRUE), id="told-old-identity -> resent"),
+        pytest.param(MEMBER, Told(TRUE), None, False, NOTHING, id="told-this-identity -> nothing"),
+        pytest.param(
+            MEMBER,
+            Told(TRUE),
+            Queued(TRUE, stale_identity=True),
+            True,
+            add(TRUE),
+            id="queued-under-old-identity -> replaced",
+        ),
+        pytest.param(
+            MEMBER,
+            Told(TRUE),
+            Queued(TRUE, attempted=True, stale_identity=True),
+            True,
+            add(TRUE, doubt=True),
+            id="maybe-processed-under-old-identity -> replaced, doubt kept",
+        ),
+        pytest.param(
+            MEMBER, Told(TRUE), Queued(TRUE), True, KEEP, id="queued-under-new-identity -> kept"
+        ),
+        pytest.param(
+            MEMBER,
+            Told(TRUE),
+            Queued(TRUE, forced=True, stale_identity=True),
+            False,
+            UserPlan(),
+            id="forced-under-old-identity-url-told-new -> dropped",
+        ),
+        pytest.param(INVALID, Told(TRUE), None, True, NOTHING, id="invalid-row -> left as it is"),
+        pytest.param(ABSENT, Told(TRUE), None, False, add(FALSE), id="gone -> exit as before"),
+    ],
+)
+def test_plan_user_when_identities_matter(
+    presence: Presence, told: Told, queued: Queued | None, identity_changed: bool, expect: UserPlan
+) -> None:
+    assert plan_user(presence, told, queued, identity_changed=identity_changed) == expect
+
+
 @pytest.mark.parametrize(
     ("current", "delivered", "full", "expected"),
     [
