@@ -12,6 +12,25 @@ import sys
 import structlog
 
 
+class LibraryTracebacksOnOneLine(logging.Filter):
+    """A library's logged exception becomes one line: its message, the error's type and text.
+
+    SQLAlchemy's pool logs at ERROR, with the traceback, a connection it could not reset after
+    the database dropped it mid-statement; the syncer itself reports such an outage in one line
+    and carries on. The traceback stays for DEBUG, where this filter is not installed.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            text = " ".join(str(error).split())[:300]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {text}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Set up structlog, and route the standard logging module through it."""
     renderer: structlog.typing.Processor = (
@@ -41,6 +60,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
+    if logging.getLevelName(level) > logging.DEBUG:
+        handler.addFilter(LibraryTracebacksOnOneLine())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Library chatter (APScheduler announces every job run) only from WARNING up.
