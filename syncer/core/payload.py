@@ -1,4 +1,4 @@
-"""The bodies sent to workflows: Segment-style ``identify`` and ``delete`` messages.
+"""The bodies sent to workflows: Segment-style ``identify``, ``track`` and ``delete`` messages.
 
 Every body is rebuilt from stored fields only (change id, value, timestamp, ...), so a retry of
 the same change sends the same bytes with the same messageId.
@@ -170,6 +170,80 @@ def identify_message(
     message["messageId"] = message_id(namespace, change.change_id)
     message["timestamp"] = format_timestamp(change.created_at)
     return message
+
+
+# The event a track call names, by computation class and value (an audience's value is
+# true on entry, false on exit; a computed trait's is its value).
+AUDIENCE_ENTERED, AUDIENCE_EXITED, TRAIT_COMPUTED = (
+    "Audience Entered",
+    "Audience Exited",
+    "Trait Computed",
+)
+
+
+def _track_event(computation: Computation, value: str) -> tuple[str, str]:
+    """The event name and the property naming the key, as Engage's track mode has them."""
+    if computation.computation_class == "audience":
+        return (AUDIENCE_ENTERED if value == "true" else AUDIENCE_EXITED), "audience_key"
+    return TRAIT_COMPUTED, "trait_key"
+
+
+def track_message(
+    computation: Computation, change: TraitChange, namespace: uuid.UUID
+) -> dict[str, Any]:
+    """The track call that tells a workflow about one change, as a JSON object.
+
+    ``properties`` names the key and carries the value; the email is not a property but
+    ``context.traits.email``; ``anonymousId`` stays at the top level. Its messageId is of kind
+    ``track``, so a URL that receives both calls of a change gets two messageIds.
+    """
+    event, key_property = _track_event(computation, change.value)
+    key = computation.computation_key
+    message: dict[str, Any] = {"type": "track", "event": event, "userId": change.user_id}
+    if change.anonymous_id:
+        message["anonymousId"] = change.anonymous_id
+    message["properties"] = {key_property: key, key: json.loads(change.value)}
+    context = _context(computation)
+    if change.email:
+        context = {"traits": {"email": change.email}, **context}
+    message["context"] = context
+    message["messageId"] = message_id(namespace, change.change_id, "track")
+    message["timestamp"] = format_timestamp(change.created_at)
+    return message
+
+
+@functools.lru_cache(maxsize=1024)
+def _personas_only(computation: Computation) -> str:
+    # The context's "personas" member, without its braces, to follow "traits" in one object.
+    return _personas(computation)[1:-1]
+
+
+def track_body(computation: Computation, change: TraitChange, namespace: uuid.UUID) -> bytes:
+    """The exact bytes of :func:`track_message`, assembled from pre-encoded parts as
+    :func:`identify_body` is (the tests hold the two to each other)."""
+    event, key_property = _track_event(computation, change.value)
+    key = computation.computation_key
+    if key == key_property:  # the key and the property naming it share one name
+        return _encode(track_message(computation, change, namespace))
+    value = change.value if change.value in _LITERALS else _encode_text(json.loads(change.value))
+    parts = ['{"type":"track","event":', _string(event), ',"userId":', _string(change.user_id)]
+    if change.anonymous_id:
+        parts += [',"anonymousId":', _string(change.anonymous_id)]
+    parts += [',"properties":{', _string(key_property), ":", _string(key), ","]
+    parts += [_string(key), ":", value, '},"context":']
+    if change.email:
+        parts += ['{"traits":{"email":', _string(change.email), "},", _personas_only(computation)]
+        parts.append("}")
+    else:
+        parts.append(_personas(computation))
+    parts += [
+        ',"messageId":"',
+        message_id(namespace, change.change_id, "track"),
+        '","timestamp":"',
+        format_timestamp(change.created_at),
+        '"}',
+    ]
+    return "".join(parts).encode("utf-8")
 
 
 def delete_body(user_id: str, change_id: int, created_at: datetime, namespace: uuid.UUID) -> bytes:

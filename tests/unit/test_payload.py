@@ -1,4 +1,4 @@
-"""The identify and delete bodies sent to workflows, and which user rows can be sent."""
+"""The identify, track and delete bodies sent to workflows, and which user rows can be sent."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from syncer.core.payload import (
     identify_body,
     identify_message,
     message_id,
+    track_body,
+    track_message,
     user_input_problem,
 )
 
@@ -118,6 +120,100 @@ def change(
 def test_identify_body(the_change: TraitChange, expected: dict[str, object]) -> None:
     body = identify_body(COMPUTATION, the_change, NAMESPACE)
     assert json.loads(body) == expected
+
+
+TRAIT = Computation("trait", "tr_1", "total_revenue_180_days", "spa_test")
+TRAIT_PERSONAS = {**PERSONAS, "computation_class": "trait", "computation_id": "tr_1",
+                  "computation_key": "total_revenue_180_days"}  # fmt: skip
+TRACK_ID_42 = message_id(NAMESPACE, 42, "track")
+
+
+@pytest.mark.parametrize(
+    ("computation", "the_change", "expected"),
+    [
+        pytest.param(
+            COMPUTATION,
+            change(anonymous_id="anon-1", email="ana@example.com"),
+            {
+                "type": "track",
+                "event": "Audience Entered",
+                "userId": "user-1",
+                "anonymousId": "anon-1",
+                "properties": {
+                    "audience_key": "high_value_customers",
+                    "high_value_customers": True,
+                },
+                "context": {"traits": {"email": "ana@example.com"}, "personas": PERSONAS},
+                "messageId": TRACK_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="entered-with-email-and-anonymous-id",
+        ),
+        pytest.param(
+            COMPUTATION,
+            change(value="false"),
+            {
+                "type": "track",
+                "event": "Audience Exited",
+                "userId": "user-1",
+                "properties": {
+                    "audience_key": "high_value_customers",
+                    "high_value_customers": False,
+                },
+                "context": {"personas": PERSONAS},
+                "messageId": TRACK_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="exited",
+        ),
+        pytest.param(
+            TRAIT,
+            change(value='{"usd": 450, "since": "2026-06-01"}', email="ana@example.com"),
+            {
+                "type": "track",
+                "event": "Trait Computed",
+                "userId": "user-1",
+                "properties": {
+                    "trait_key": "total_revenue_180_days",
+                    "total_revenue_180_days": {"usd": 450, "since": "2026-06-01"},
+                },
+                "context": {"traits": {"email": "ana@example.com"}, "personas": TRAIT_PERSONAS},
+                "messageId": TRACK_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="trait-computed",
+        ),
+        pytest.param(
+            TRAIT,
+            change(value="null"),
+            {
+                "type": "track",
+                "event": "Trait Computed",
+                "userId": "user-1",
+                "properties": {
+                    "trait_key": "total_revenue_180_days",
+                    "total_revenue_180_days": None,
+                },
+                "context": {"personas": TRAIT_PERSONAS},
+                "messageId": TRACK_ID_42,
+                "timestamp": "2026-11-28T12:00:00.123Z",
+            },
+            id="trait-gone-null",
+        ),
+    ],
+)
+def test_track_body(
+    computation: Computation, the_change: TraitChange, expected: dict[str, object]
+) -> None:
+    assert json.loads(track_body(computation, the_change, NAMESPACE)) == expected
+
+
+def test_track_and_identify_of_one_change_have_their_own_message_ids() -> None:
+    the_change = change()
+    identify = json.loads(identify_body(COMPUTATION, the_change, NAMESPACE))
+    track = json.loads(track_body(COMPUTATION, the_change, NAMESPACE))
+    assert identify["messageId"] == MESSAGE_ID_42
+    assert track["messageId"] == TRACK_ID_42 != MESSAGE_ID_42
 
 
 def test_identify_body_is_compact_utf8() -> None:
@@ -323,3 +419,34 @@ def test_message_id_is_uuid5(kind: str, change_id: int, namespace: uuid.UUID) ->
 def test_format_timestamp_is_strftime_with_milliseconds(moment: datetime) -> None:
     expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     assert format_timestamp(moment) == expected
+
+
+@given(
+    computation_class=st.sampled_from(["audience", "trait"]),
+    key=st.sampled_from(
+        ["order_completed_last_30days", "audience_key", "trait_key", "ünïcode_key", 'q"uote']
+    ),
+    user_id=_texts,
+    anonymous_id=st.none() | _texts,
+    email=st.none() | _texts,
+    value=_json_values,
+    change_id=st.integers(min_value=1, max_value=2**62),
+    moment=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)),
+)
+def test_track_body_is_the_message_encoded(
+    computation_class: str,
+    key: str,
+    user_id: str,
+    anonymous_id: str | None,
+    email: str | None,
+    value: object,
+    change_id: int,
+    moment: datetime,
+) -> None:
+    computation = Computation(computation_class, "c_1", key, "spa_x")
+    change = TraitChange(change_id, user_id, anonymous_id, email, json.dumps(value), moment)
+    namespace = uuid.UUID(int=change_id % 2**128)
+    expected = json.dumps(
+        track_message(computation, change, namespace), ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+    assert track_body(computation, change, namespace) == expected
