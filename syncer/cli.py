@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from syncer.core.states import PairState
+from syncer.core.states import Call, PairState
 from syncer.core.urls import canonical_url, configured_url
 from syncer.errors import (
     EXIT_DATABASE,
@@ -227,12 +227,12 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
     totals: dict[tuple[str, str], int] = {}
     current_url: list[str] = []
 
-    def emit(url: str, key: str, user_id: str, value: str) -> None:
+    def emit(url: str, key: str, user_id: str, value: str, call: Call) -> None:
         if not current_url or current_url[0] != url:
             current_url[:] = [url]
             click.echo(f"would send to {url}:")
         totals[(url, value)] = totals.get((url, value), 0) + 1
-        click.echo(f"  identify {user_id!r} {key}={value}")
+        click.echo(f"  {call} {user_id!r} {key}={value}")
 
     report = engine.run(options, emit=emit)
     for problem in report.problems:

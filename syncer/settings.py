@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError
 
 from syncer.core.durations import parse_duration
 from syncer.core.routing import Route
+from syncer.core.states import Call
 from syncer.core.urls import canonical_url
 from syncer.errors import ConfigError
 
@@ -87,6 +88,9 @@ class WorkflowSettings(_Section):
     """One workflow URL, with what it receives and, if its own, the secret that signs it."""
 
     url: str
+    # Which call tells it about a change; a change keeps the call it was planned with, so a
+    # new value here applies to changes planned from then on. ("both" is not built yet.)
+    send: Call = Call.IDENTIFY
     audiences: list[Annotated[str, Field(min_length=1)]] | None = None
     traits: list[Annotated[str, Field(min_length=1)]] | None = None
     shared_secret: SecretStr | None = None

@@ -189,13 +189,17 @@ def _track_event(computation: Computation, value: str) -> tuple[str, str]:
 
 
 def track_message(
-    computation: Computation, change: TraitChange, namespace: uuid.UUID
+    computation: Computation,
+    change: TraitChange,
+    namespace: uuid.UUID,
+    message_kind: str = "change",
 ) -> dict[str, Any]:
     """The track call that tells a workflow about one change, as a JSON object.
 
     ``properties`` names the key and carries the value; the email is not a property but
-    ``context.traits.email``; ``anonymousId`` stays at the top level. Its messageId is of kind
-    ``track``, so a URL that receives both calls of a change gets two messageIds.
+    ``context.traits.email``; ``anonymousId`` stays at the top level. The messageId is the
+    change's (kind ``change``) when the track call is the change's only call; the second call
+    of a change sent both ways takes kind ``track``, so that the two differ.
     """
     event, key_property = _track_event(computation, change.value)
     key = computation.computation_key
@@ -207,7 +211,7 @@ def track_message(
     if change.email:
         context = {"traits": {"email": change.email}, **context}
     message["context"] = context
-    message["messageId"] = message_id(namespace, change.change_id, "track")
+    message["messageId"] = message_id(namespace, change.change_id, message_kind)
     message["timestamp"] = format_timestamp(change.created_at)
     return message
 
@@ -218,13 +222,18 @@ def _personas_only(computation: Computation) -> str:
     return _personas(computation)[1:-1]
 
 
-def track_body(computation: Computation, change: TraitChange, namespace: uuid.UUID) -> bytes:
+def track_body(
+    computation: Computation,
+    change: TraitChange,
+    namespace: uuid.UUID,
+    message_kind: str = "change",
+) -> bytes:
     """The exact bytes of :func:`track_message`, assembled from pre-encoded parts as
     :func:`identify_body` is (the tests hold the two to each other)."""
     event, key_property = _track_event(computation, change.value)
     key = computation.computation_key
     if key == key_property:  # the key and the property naming it share one name
-        return _encode(track_message(computation, change, namespace))
+        return _encode(track_message(computation, change, namespace, message_kind))
     value = change.value if change.value in _LITERALS else _encode_text(json.loads(change.value))
     parts = ['{"type":"track","event":', _string(event), ',"userId":', _string(change.user_id)]
     if change.anonymous_id:
@@ -238,7 +247,7 @@ def track_body(computation: Computation, change: TraitChange, namespace: uuid.UU
         parts.append(_personas(computation))
     parts += [
         ',"messageId":"',
-        message_id(namespace, change.change_id, "track"),
+        message_id(namespace, change.change_id, message_kind),
         '","timestamp":"',
         format_timestamp(change.created_at),
         '"}',

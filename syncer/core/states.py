@@ -16,6 +16,13 @@ class ChangeStatus(enum.StrEnum):
     PARKED = "parked"  # rejected on max_rejections runs: waits for `syncer retry`
 
 
+class Call(enum.StrEnum):
+    """Which Segment call tells a workflow URL about a change (``send`` of its entry)."""
+
+    IDENTIFY = "identify"  # the key as a trait of the user
+    TRACK = "track"  # "Audience Entered" / "Audience Exited" (or "Trait Computed") events
+
+
 class RunStatus(enum.StrEnum):
     """How a run ended (or that it has not)."""
 

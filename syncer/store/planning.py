@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection
 
 from syncer.core.diff import FALSE, TRUE
 from syncer.core.guard import GuardLimits, guard_verdict
-from syncer.core.states import ChangeStatus
+from syncer.core.states import Call, ChangeStatus
 from syncer.store.schema import (
     OUTBOX_MAYBE_PROCESSED,
     STATE_TOLD_TRUE,
@@ -120,6 +120,8 @@ class _Pair:
     # `resend_on_identity_change`: a member told under another email or anonymousId than their
     # row's now is not certainly told.
     resend_identity: bool = False
+    # The call the URL is sent new changes with (its `send`); queued changes keep theirs.
+    call: Call = Call.IDENTIFY
 
     def outbox(self) -> ColumnElement[bool]:
         return and_(
@@ -193,7 +195,7 @@ class _Pair:
 
 _OUTBOX_COLUMNS = [
     "destination_id", "audience_id", "user_id", "value", "anonymous_id", "email", "forced",
-    "attempted", "created_at", "status", "attempts", "rejections",
+    "attempted", "created_at", "status", "attempts", "rejections", "call",
 ]  # fmt: skip
 
 
@@ -208,6 +210,7 @@ def _new_change(pair: _Pair, value: str, forced: bool, now: datetime) -> list[An
         literal(ChangeStatus.PENDING.value, Text),
         literal(0, Integer),
         literal(0, Integer),
+        literal(pair.call.value, Text),
     ]
 
 
@@ -497,18 +500,22 @@ class PlanStore:
         limits: GuardLimits,
         retry_rejected: bool = True,
         resend_on_identity_change: bool = False,
+        call: Call = Call.IDENTIFY,
     ) -> PlanResult:
         """Make the pair's outbox hold exactly what its URL must be told, or hold the pair.
 
         ``retry_rejected``: put changes rejected earlier back in line (the first plan of a run
         does; a second plan in the same run does not, so a rejection counts once per run).
         ``resend_on_identity_change``: a member whose email or anonymousId is not the one the
-        URL was told with is sent again (see :func:`syncer.core.diff.plan_user`).
+        URL was told with is sent again (see :func:`syncer.core.diff.plan_user`). ``call``:
+        the call new changes are sent with; queued ones keep theirs.
         """
 
         def attempt() -> PlanResult:
             with writing(self.engine, snapshot=True) as connection:
-                pair = _Pair(connection, destination_id, audience_id, resend_on_identity_change)
+                pair = _Pair(
+                    connection, destination_id, audience_id, resend_on_identity_change, call
+                )
                 _ensure_pair(connection, destination_id, audience_id)
                 try:
                     with connection.begin_nested():
@@ -552,11 +559,12 @@ class PlanStore:
         now: datetime,
         limits: GuardLimits,
         batch_size: int,
-        emit: Callable[[str, str], None],
+        emit: Callable[[str, str, Call], None],
         resend_on_identity_change: bool = False,
+        call: Call = Call.IDENTIFY,
     ) -> PlanResult:
-        """Plan exactly as a run would, hand every change it would send to ``emit(user, value)``
-        in batches, then undo everything: nothing is written."""
+        """Plan exactly as a run would, hand every change it would send to ``emit(user, value,
+        call)`` in batches, then undo everything: nothing is written."""
         with rolled_back(self.engine) as connection:
             connection.execute(
                 dialect_insert(connection, destinations)
@@ -566,7 +574,7 @@ class PlanStore:
             destination_id = connection.execute(
                 select(destinations.c.id).where(destinations.c.canonical == canonical)
             ).scalar_one()
-            pair = _Pair(connection, destination_id, audience_id, resend_on_identity_change)
+            pair = _Pair(connection, destination_id, audience_id, resend_on_identity_change, call)
             _ensure_pair(connection, destination_id, audience_id)
             try:
                 with connection.begin_nested():
@@ -574,7 +582,7 @@ class PlanStore:
             except _Held as held:
                 return PlanResult(PlanOutcome.HELD, hold_reason=held.reason)
             rows = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
-                select(outbox.c.user_id, outbox.c.value)
+                select(outbox.c.user_id, outbox.c.value, outbox.c.call)
                 .where(
                     pair.outbox(),
                     outbox.c.status == ChangeStatus.PENDING.value,
@@ -583,6 +591,6 @@ class PlanStore:
                 .order_by(outbox.c.id)
             )
             for partition in rows.partitions(batch_size):
-                for user_id, value in partition:
-                    emit(user_id, value)
+                for user_id, value, call in partition:
+                    emit(user_id, value, Call(call))
             return result

@@ -152,6 +152,8 @@ outbox = Table(
     Column("claim_token", Text, nullable=True),
     Column("claimed_by", Text, nullable=True),
     Column("claimed_until", Double, nullable=True),
+    # The call that tells the URL (syncer.core.states.Call), fixed when the change is planned.
+    Column("call", Text, nullable=False, server_default="identify"),
     UniqueConstraint("destination_id", "audience_id", "user_id", name="uq_syncer_outbox_change"),
     Index("ix_syncer_outbox_user", "user_id"),
     sqlite_autoincrement=True,

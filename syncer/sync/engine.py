@@ -24,7 +24,7 @@ from typing import TypeVar
 import certifi
 import structlog
 
-from syncer.core.states import PairState, RunStatus
+from syncer.core.states import Call, PairState, RunStatus
 from syncer.core.traits import KeyProblem
 from syncer.core.urls import canonical_url
 from syncer.delivery.sender import RetryPolicy, UrlSender
@@ -45,8 +45,8 @@ log = structlog.get_logger("syncer.sync")
 
 T = TypeVar("T")
 
-# (url, key, user_id, value) of one change a dry run would send.
-DryRunEmitter = Callable[[str, str, str, str], None]
+# (url, key, user_id, value, call) of one change a dry run would send.
+DryRunEmitter = Callable[[str, str, str, str, Call], None]
 
 
 async def gather_or_cancel(coroutines: Sequence[Coroutine[object, object, T]]) -> list[T]:
@@ -105,8 +105,10 @@ def select_audiences(
     raise ConfigError(f"--audience: no audience has the id or key {wanted!r}")
 
 
-def _emit_for(emit: DryRunEmitter, url: str, key: str, user_id: str, value: str) -> None:
-    emit(url, key, user_id, value)
+def _emit_for(
+    emit: DryRunEmitter, url: str, key: str, user_id: str, value: str, call: Call
+) -> None:
+    emit(url, key, user_id, value, call)
 
 
 class SyncEngine:
@@ -247,6 +249,7 @@ class SyncEngine:
                     batch_size=delivery.batch_size,
                     emit=partial(_emit_for, emit, url, key),
                     resend_on_identity_change=self.settings.engage.resend_on_identity_change,
+                    call=self.settings.tray.workflow(url).send,
                 )
                 if result.outcome is PlanOutcome.HELD:
                     pair.state, pair.note = PairState.HELD, f"held: {result.hold_reason}"
@@ -391,7 +394,14 @@ class SyncEngine:
                 return
             audience_id = busy[index + 1][0].audience_id
             plans[index + 1] = asyncio.create_task(
-                plan_pair(context, destination_id, audience_id, full=options.full, first_round=True)
+                plan_pair(
+                    context,
+                    sender.url,
+                    destination_id,
+                    audience_id,
+                    full=options.full,
+                    first_round=True,
+                )
             )
 
         try:

@@ -12,8 +12,9 @@ from datetime import datetime
 
 from syncer.core.outcomes import Outcome
 from syncer.core.pacing import Slots
-from syncer.core.payload import Computation, TraitChange, identify_body
+from syncer.core.payload import Computation, TraitChange, identify_body, track_body
 from syncer.core.signing import signature_headers
+from syncer.core.states import Call
 from syncer.store import Store
 from syncer.store.claims import Claim
 from syncer.store.outbox import QueuedChange
@@ -65,7 +66,8 @@ def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
     )
     claimed = []
     for change in exchanged.claimed:
-        body = identify_body(computation, trait_change(change), store.namespace)
+        build = track_body if change.call is Call.TRACK else identify_body
+        body = build(computation, trait_change(change), store.namespace)
         claimed.append((change, body, signature_headers(body, request.secret)))
     return ExchangeReply(claimed, exchanged.lost, exchanged.held, exchanged.slots)
 

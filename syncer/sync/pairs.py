@@ -34,9 +34,16 @@ PLAN_ROUNDS = 2
 
 
 async def plan_pair(
-    context: RunContext, destination_id: int, audience_id: str, *, full: bool, first_round: bool
+    context: RunContext,
+    url: str,
+    destination_id: int,
+    audience_id: str,
+    *,
+    full: bool,
+    first_round: bool,
 ) -> PlanResult:
-    """One plan of one (URL, audience): the first of a run, or the one after a stale send."""
+    """One plan of one (URL, audience): the first of a run, or the one after a stale send.
+    New changes take the call the URL's ``send`` names now."""
     return await context.db(
         context.store.planning.plan,
         destination_id,
@@ -46,6 +53,7 @@ async def plan_pair(
         limits=context.guard_limits,
         retry_rejected=first_round,
         resend_on_identity_change=context.settings.engage.resend_on_identity_change,
+        call=context.settings.tray.workflow(url).send,
     )
 
 
@@ -74,7 +82,12 @@ async def sync_pair(
             plan = await first_plan
         else:
             plan = await plan_pair(
-                context, destination_id, audience_id, full=full, first_round=round_number == 0
+                context,
+                sender.url,
+                destination_id,
+                audience_id,
+                full=full,
+                first_round=round_number == 0,
             )
         if round_number == 0:
             planned()

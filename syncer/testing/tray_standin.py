@@ -146,10 +146,17 @@ class TrayStandin:
             record.signature_ok
         ]
         message = record.message
-        traits = message.get("traits", {})
-        shown = {k: v for k, v in traits.items() if k != "email"}
+        if message.get("type") == "track":
+            properties = message.get("properties", {})
+            named = {"audience_key", "trait_key"}
+            shown = {k: v for k, v in properties.items() if k not in named}
+            what = f"track {json.dumps(message.get('event'))}"
+        else:
+            traits = message.get("traits", {})
+            shown = {k: v for k, v in traits.items() if k != "email"}
+            what = str(message.get("type"))
         line = (
-            f"[tray {record.path}] {message.get('type')} userId={message.get('userId')} "
+            f"[tray {record.path}] {what} userId={message.get('userId')} "
             f"{json.dumps(shown)} ({verdict}) -> {record.status}\n"
         )
         with _PRINTING:  # one whole line at a time, whichever handler thread prints

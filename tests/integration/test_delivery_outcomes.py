@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData, select
 
+from syncer.core.states import Call
 from syncer.store import Store
 from syncer.sync import SyncEngine, SyncOptions
 from syncer.testing.tray_standin import Received, Reply, TrayStandin
@@ -605,7 +606,7 @@ def test_dry_run_sends_nothing_and_changes_nothing(
     upstream.add("aud_1", "u1", "u2")
     url = standin.url("/wf")
     settings = make_settings(str(store.engine.url.render_as_string(False)), [url])
-    emitted: list[tuple[str, str, str, str]] = []
+    emitted: list[tuple[str, str, str, str, Call]] = []
     before = snapshot(store)
 
     engine = SyncEngine(settings, store)
@@ -616,7 +617,10 @@ def test_dry_run_sends_nothing_and_changes_nothing(
 
     assert standin.received() == []
     assert snapshot(store) == before
-    assert sorted(emitted) == [(url, "buyers", "u1", "true"), (url, "buyers", "u2", "true")]
+    assert sorted(emitted) == [
+        (url, "buyers", "u1", "true", Call.IDENTIFY),
+        (url, "buyers", "u2", "true", Call.IDENTIFY),
+    ]
 
     report = run_sync(store, [url])
 

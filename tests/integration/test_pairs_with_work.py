@@ -35,7 +35,7 @@ def dry_plan(store: Store, url: str, audience_id: str) -> PlanResult:
         now=utcnow(),
         limits=LIMITS,
         batch_size=100,
-        emit=lambda _user, _value: None,
+        emit=lambda _user, _value, _call: None,
     )
 
 

@@ -125,7 +125,7 @@ def test_identify_body(the_change: TraitChange, expected: dict[str, object]) -> 
 TRAIT = Computation("trait", "tr_1", "total_revenue_180_days", "spa_test")
 TRAIT_PERSONAS = {**PERSONAS, "computation_class": "trait", "computation_id": "tr_1",
                   "computation_key": "total_revenue_180_days"}  # fmt: skip
-TRACK_ID_42 = message_id(NAMESPACE, 42, "track")
+SECOND_CALL_ID_42 = message_id(NAMESPACE, 42, "track")
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,7 @@ TRACK_ID_42 = message_id(NAMESPACE, 42, "track")
                     "high_value_customers": True,
                 },
                 "context": {"traits": {"email": "ana@example.com"}, "personas": PERSONAS},
-                "messageId": TRACK_ID_42,
+                "messageId": MESSAGE_ID_42,
                 "timestamp": "2026-11-28T12:00:00.123Z",
             },
             id="entered-with-email-and-anonymous-id",
@@ -161,7 +161,7 @@ TRACK_ID_42 = message_id(NAMESPACE, 42, "track")
                     "high_value_customers": False,
                 },
                 "context": {"personas": PERSONAS},
-                "messageId": TRACK_ID_42,
+                "messageId": MESSAGE_ID_42,
                 "timestamp": "2026-11-28T12:00:00.123Z",
             },
             id="exited",
@@ -178,7 +178,7 @@ TRACK_ID_42 = message_id(NAMESPACE, 42, "track")
                     "total_revenue_180_days": {"usd": 450, "since": "2026-06-01"},
                 },
                 "context": {"traits": {"email": "ana@example.com"}, "personas": TRAIT_PERSONAS},
-                "messageId": TRACK_ID_42,
+                "messageId": MESSAGE_ID_42,
                 "timestamp": "2026-11-28T12:00:00.123Z",
             },
             id="trait-computed",
@@ -195,7 +195,7 @@ TRACK_ID_42 = message_id(NAMESPACE, 42, "track")
                     "total_revenue_180_days": None,
                 },
                 "context": {"personas": TRAIT_PERSONAS},
-                "messageId": TRACK_ID_42,
+                "messageId": MESSAGE_ID_42,
                 "timestamp": "2026-11-28T12:00:00.123Z",
             },
             id="trait-gone-null",
@@ -208,12 +208,13 @@ def test_track_body(
     assert json.loads(track_body(computation, the_change, NAMESPACE)) == expected
 
 
-def test_track_and_identify_of_one_change_have_their_own_message_ids() -> None:
+def test_a_track_call_as_a_second_call_has_a_message_id_of_its_own() -> None:
     the_change = change()
     identify = json.loads(identify_body(COMPUTATION, the_change, NAMESPACE))
-    track = json.loads(track_body(COMPUTATION, the_change, NAMESPACE))
-    assert identify["messageId"] == MESSAGE_ID_42
-    assert track["messageId"] == TRACK_ID_42 != MESSAGE_ID_42
+    only_call = json.loads(track_body(COMPUTATION, the_change, NAMESPACE))
+    second_call = json.loads(track_body(COMPUTATION, the_change, NAMESPACE, "track"))
+    assert identify["messageId"] == only_call["messageId"] == MESSAGE_ID_42
+    assert second_call["messageId"] == SECOND_CALL_ID_42 != MESSAGE_ID_42
 
 
 def test_identify_body_is_compact_utf8() -> None:
@@ -423,6 +424,7 @@ def test_format_timestamp_is_strftime_with_milliseconds(moment: datetime) -> Non
 
 @given(
     computation_class=st.sampled_from(["audience", "trait"]),
+    message_kind=st.sampled_from(["change", "track"]),
     key=st.sampled_from(
         ["order_completed_last_30days", "audience_key", "trait_key", "ünïcode_key", 'q"uote']
     ),
@@ -435,6 +437,7 @@ def test_format_timestamp_is_strftime_with_milliseconds(moment: datetime) -> Non
 )
 def test_track_body_is_the_message_encoded(
     computation_class: str,
+    message_kind: str,
     key: str,
     user_id: str,
     anonymous_id: str | None,
@@ -446,7 +449,6 @@ def test_track_body_is_the_message_encoded(
     computation = Computation(computation_class, "c_1", key, "spa_x")
     change = TraitChange(change_id, user_id, anonymous_id, email, json.dumps(value), moment)
     namespace = uuid.UUID(int=change_id % 2**128)
-    expected = json.dumps(
-        track_message(computation, change, namespace), ensure_ascii=False, separators=(",", ":")
-    ).encode("utf-8")
-    assert track_body(computation, change, namespace) == expected
+    message = track_message(computation, change, namespace, message_kind)
+    expected = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    assert track_body(computation, change, namespace, message_kind) == expected

@@ -96,10 +96,22 @@ INVALID = [
         valid(database={"url": "mysql://x"}), "database.url", "sqlite", id="mysql-database"
     ),
     pytest.param(
-        valid(tray=tray([URL, {"url": "https://b.example/", "send": "track"}])),
-        "tray.workflow_urls[1].send",
+        valid(tray=tray([URL, {"url": "https://b.example/", "sends": "track"}])),
+        "tray.workflow_urls[1].sends",
         "unknown key",
         id="unknown-key-in-a-url-table",
+    ),
+    pytest.param(
+        valid(tray=tray([URL, {"url": "https://b.example/", "send": "both"}])),
+        "tray.workflow_urls[1].send",
+        "'identify' or 'track'",
+        id="send-both-not-built",
+    ),
+    pytest.param(
+        valid(tray=tray([{"url": URL, "send": "Track"}])),
+        "tray.workflow_urls[0].send",
+        "'identify' or 'track'",
+        id="send-is-case-sensitive",
     ),
     pytest.param(
         valid(tray=tray([{"audiences": ["a_*"]}])),
