@@ -244,11 +244,35 @@ class Context:
         return self.postgres_url
 
 
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of ``pid``, in KiB; 0 when it is gone (or without /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux), [] elsewhere."""
+    try:
+        return [
+            int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        ]
+    except OSError:
+        return []
+
+
 def run_syncers(ctx: Context, settings: Path, count: int = 1) -> tuple[float, list[Exit]]:
     """Start ``count`` `syncer sync` processes at once; wall time until the last one exited.
 
-    Each process is reaped with os.wait4, which also gives its peak RSS. A process still
-    running after --timeout seconds is killed.
+    Each process's peak RSS is the high-water mark of its memory since it started (VmHWM),
+    plus those of its children (the store's helper process), read every 50 ms: not wait4's
+    ru_maxrss, which would count the image of this bench, which the child was forked from.
+    A process still running after --timeout seconds is killed.
     """
     stems = [ctx.log_stem("sync") for _ in range(count)]
     command = [*syncer_command(), "--settings", str(settings), "sync"]
@@ -257,11 +281,19 @@ def run_syncers(ctx: Context, settings: Path, count: int = 1) -> tuple[float, li
     ended: dict[int, tuple[float, int, int]] = {}
 
     def reap(pid: int) -> None:
-        try:
-            _, status, usage = os.wait4(pid, 0)
-        except ChildProcessError:  # reaped by stop() when the bench is interrupted
-            return
-        ended[pid] = (time.perf_counter(), status, usage.ru_maxrss)
+        peaks: dict[int, int] = {}
+        while True:
+            for process in (pid, *children_of(pid)):
+                peaks[process] = max(peaks.get(process, 0), peak_rss_kib(process))
+            try:
+                reaped, status, usage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by stop() when the bench is interrupted
+                return
+            if reaped:
+                break
+            time.sleep(0.05)
+        # Without /proc, wait4's figure: it also counts the bench's own image, forked from.
+        ended[pid] = (time.perf_counter(), status, sum(peaks.values()) or usage.ru_maxrss)
 
     threads = [threading.Thread(target=reap, args=(c.pid,), daemon=True) for c in children]
     for thread in threads:
