@@ -308,13 +308,13 @@ def run_syncers(ctx: Context, settings: Path, count: int = 1) -> tuple[float, li
             thread.join()
     exits = []
     for child, stem in zip(children, stems, strict=True):
-        end, status, peak_rss_kib = ended[child.pid]
+        end, status, peak_kib = ended[child.pid]
         child.returncode = os.waitstatus_to_exitcode(status)
         _CHILDREN.remove(child)
         finished = Exit(
             code=child.returncode,
             seconds=end - started,
-            peak_rss_kib=peak_rss_kib,
+            peak_rss_kib=peak_kib,
             stdout=read_log(stem, ".out"),
             stderr=read_log(stem, ".err"),
             timed_out=child.pid in killed,
