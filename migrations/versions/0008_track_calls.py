@@ -12,6 +12,9 @@ Create Date: 2026-11-30
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -25,112 +28,22 @@ _SIGNATURE = (
     " integer, bigint, boolean)"
 )
 
-# Kept in step with syncer/store/outbox.py, as migration 0007's function was; this one differs
+
+def _exchange_of_0007() -> str:
+    # Migration 0007's function, read from its file beside this one (the migrations ship
+    # together, in the repository and in the wheel), so that this one is written as its changes.
+    path = Path(__file__).with_name("0007_postgresql_exchange.py")
+    spec = importlib.util.spec_from_file_location("syncer_migration_0007", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.EXCHANGE)
+
+
+# Kept in step with syncer/store/outbox.py, as migration 0007's function was. This one differs
 # from it by the claimed changes' call, and by the claim's cursor, a row value that only the
-# pair's index serves (_CALL_ADDED: 0007's text, this one's).
-EXCHANGE = """
-CREATE OR REPLACE FUNCTION syncer_exchange(
-    p_destination_id integer, p_audience_id text, p_claim_token text, p_claimed_by text,
-    p_ttl double precision, p_ids bigint[], p_message_ids text[], p_told_at timestamp,
-    p_want integer, p_after_id bigint, p_clear_refusal boolean)
-RETURNS TABLE (accepted integer, lost integer, held boolean, change_id bigint, user_id text,
-               value text, anonymous_id text, email text, created_at timestamp, call text)
-LANGUAGE plpgsql VOLATILE AS $fn$
-#variable_conflict use_column
-DECLARE
-    v_accepted integer := 0;
-    v_lost integer := 0;
-    v_held boolean := false;
-    v_users text[];
-BEGIN
-    IF cardinality(p_ids) > 0 THEN
-        -- Take the rows this claim still owns, and record what the URL was told.
-        WITH taken AS (
-            DELETE FROM syncer_outbox o
-            USING unnest(p_ids, p_message_ids) AS h(id, message_id)
-            WHERE o.id = h.id AND o.claim_token = p_claim_token
-            RETURNING o.audience_id, o.user_id, o.value, o.anonymous_id, o.email, h.message_id
-        ), told AS (
-            INSERT INTO syncer_state (destination_id, audience_id, user_id, value, unsure,
-                                      anonymous_id, email, message_id, told_at)
-            SELECT p_destination_id, t.audience_id, t.user_id, t.value, false,
-                   t.anonymous_id, t.email, t.message_id, p_told_at
-            FROM taken t
-            ON CONFLICT (destination_id, audience_id, user_id) DO UPDATE SET
-                value = excluded.value, unsure = excluded.unsure,
-                anonymous_id = excluded.anonymous_id, email = excluded.email,
-                message_id = excluded.message_id, told_at = excluded.told_at
-        )
-        SELECT count(*), array_agg(t.user_id) INTO v_accepted, v_users FROM taken t;
-        IF v_accepted > 0 THEN
-            -- A new statement, so a new snapshot: a delete-user that committed while the
-            -- DELETE above waited for its lock on a row is seen here, and what was just
-            -- written about its users is removed (one still running waits for this
-            -- transaction, then removes it itself).
-            SELECT array_agg(d.user_id) INTO v_users FROM syncer_deleted_users d
-            WHERE d.user_id = ANY(v_users);
-            IF v_users IS NOT NULL THEN
-                DELETE FROM syncer_state s
-                WHERE s.user_id = ANY(v_users) AND s.destination_id = p_destination_id;
-            END IF;
-        END IF;
-        IF v_accepted < cardinality(p_ids) THEN
-            -- Rows gone were superseded; rows still there belong to another claim now.
-            SELECT count(*) INTO v_lost FROM syncer_outbox o WHERE o.id = ANY(p_ids);
-        END IF;
-        IF p_clear_refusal THEN
-            UPDATE syncer_destinations
-            SET refused_status = NULL, refused_at = NULL, refused_error = NULL
-            WHERE id = p_destination_id AND refused_status IS NOT NULL;
-        END IF;
-    END IF;
-    IF p_want > 0 THEN
-        SELECT p.held_at IS NOT NULL AND p.approved_at IS NULL INTO v_held
-        FROM syncer_pairs p
-        WHERE p.destination_id = p_destination_id AND p.audience_id = p_audience_id;
-        v_held := coalesce(v_held, false);
-    END IF;
-    -- The first row says what was recorded; the claimed changes follow, in id order.
-    RETURN QUERY SELECT v_accepted, v_lost, v_held, NULL::bigint, NULL::text, NULL::text,
-        NULL::text, NULL::text, NULL::timestamp, NULL::text;
-    IF v_held OR p_want <= 0 THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    WITH picked AS MATERIALIZED (
-        SELECT o.id FROM syncer_outbox o
-        LEFT JOIN audience_memberships m
-            ON m.audience_id = p_audience_id AND m.user_id = o.user_id
-        LEFT JOIN syncer_deleted_users d ON d.user_id = o.user_id
-        WHERE o.destination_id = p_destination_id AND o.audience_id = p_audience_id
-          AND o.status = 'pending'
-          AND (o.destination_id, o.audience_id, o.id)
-              > (p_destination_id, p_audience_id, p_after_id)
-          AND (o.claimed_until IS NULL
-               OR o.claimed_until < EXTRACT(EPOCH FROM clock_timestamp())::double precision)
-          AND d.user_id IS NULL
-          AND ((o.value = 'true' AND m.user_id IS NOT NULL)
-               OR (o.value = 'false' AND m.user_id IS NULL))
-        ORDER BY o.id
-        LIMIT p_want
-        FOR UPDATE OF o SKIP LOCKED
-    ), claimed AS (
-        -- A run-out claim being taken over may have been sent by its dead claimer.
-        UPDATE syncer_outbox o
-        SET attempted = (o.attempted OR o.claim_token IS NOT NULL),
-            claim_token = p_claim_token, claimed_by = p_claimed_by,
-            claimed_until = EXTRACT(EPOCH FROM clock_timestamp())::double precision + p_ttl
-        WHERE o.id = ANY(ARRAY(SELECT id FROM picked))
-        RETURNING o.id, o.user_id, o.value, o.anonymous_id, o.email, o.created_at, o.call
-    )
-    SELECT v_accepted, v_lost, v_held, c.id, c.user_id, c.value, c.anonymous_id, c.email,
-           c.created_at, c.call
-    FROM claimed c
-    ORDER BY c.id;
-END
-$fn$
-"""
-_CALL_ADDED = [
+# pair's index serves: (0007's text, this one's).
+_CHANGES = [
     (
         "          AND o.status = 'pending' AND o.id > p_after_id",
         "          AND o.status = 'pending'\n"
@@ -156,10 +69,12 @@ _CALL_ADDED = [
 ]
 
 
-def _exchange_of_0007() -> str:
-    text = EXCHANGE
-    for old, new in _CALL_ADDED:
-        text = text.replace(new, old)
+def _exchange() -> str:
+    text = _exchange_of_0007()
+    for old, new in _CHANGES:
+        if text.count(old) != 1:
+            raise RuntimeError(f"migration 0007's function no longer reads {old!r}")
+        text = text.replace(old, new)
     return text
 
 
@@ -168,7 +83,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("call", sa.Text, nullable=False, server_default="identify"))
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"DROP FUNCTION IF EXISTS {_SIGNATURE}")
-        op.execute(EXCHANGE)
+        op.execute(_exchange())
 
 
 def downgrade() -> None:
