@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from syncer.core.states import Call, PairState
+from syncer.core.states import Call, Kind, PairState
 from syncer.core.urls import canonical_url, configured_url
 from syncer.errors import (
     EXIT_DATABASE,
@@ -287,12 +287,14 @@ def retry_command(app: App, url: str | None, audience: str | None) -> None:
     """Put rejected and parked changes back in line for the next run."""
     store = app.store()
     destination_ids = None if url is None else _configured_destination(app, store, url)
-    audience_id = None
+    subject = None
     if audience is not None:
-        audience_id = store.audiences.find(audience)
-        if audience_id is None:
-            raise ConfigError(f"--audience: no audience has the id or key {audience!r}")
-    count = store.outbox.requeue(destination_ids, audience_id)
+        subject = store.audiences.find(audience)
+        if subject is None:
+            raise ConfigError(
+                f"--audience: no audience or computed trait has the id or key {audience!r}"
+            )
+    count = store.outbox.requeue(destination_ids, subject)
     click.echo(f"{count} change(s) re-queued; they are sent on the next run")
 
 
@@ -320,16 +322,18 @@ def approve_command(app: App, audience: str, url: str | None) -> None:
     with --url for that one.
     """
     store = app.store()
-    audience_id = store.audiences.find(audience)
-    if audience_id is None:
-        raise ConfigError(f"AUDIENCE: no audience has the id or key {audience!r}")
+    subject = store.audiences.find(audience)
+    if subject is None:
+        raise ConfigError(f"AUDIENCE: no audience or computed trait has the id or key {audience!r}")
     destination_ids = None if url is None else _configured_destination(app, store, url)
-    approved = store.holds.approve(audience_id, destination_ids, utcnow())
+    approved = store.holds.approve(subject, destination_ids, utcnow())
     if not approved:
         where = "" if url is None else f" for {url}"
-        raise ConfigError(f"AUDIENCE: audience {audience_id!r} is not held{where}")
+        raise ConfigError(f"AUDIENCE: {subject} is not held{where}")
+    what = "exits" if subject.kind is Kind.AUDIENCE else "nulls"
     click.echo(
-        f"audience {audience_id} approved for {approved} URL(s): its exits are sent on the next run"
+        f"{subject.kind} {subject.id} approved for {approved} URL(s): "
+        f"its {what} are sent on the next run"
     )
 
 

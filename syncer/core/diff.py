@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 TRUE = "true"
 FALSE = "false"
+NULL_VALUE = "null"  # a computed trait's value once its row is gone or holds null
 
 
 class Presence(enum.Enum):

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from syncer.core.states import Kind
+
 
 @dataclass(frozen=True)
 class Route:
@@ -29,6 +31,10 @@ class Route:
     def takes_trait(self, key: str) -> bool:
         """Whether the URL receives the computed trait whose key is ``key``."""
         return _matches(self.traits, key)
+
+    def takes(self, kind: Kind, key: str) -> bool:
+        """Whether the URL receives the audience or trait (``kind``) whose key is ``key``."""
+        return self.takes_audience(key) if kind is Kind.AUDIENCE else self.takes_trait(key)
 
 
 def _matches(patterns: tuple[str, ...] | None, key: str) -> bool:

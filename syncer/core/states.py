@@ -16,6 +16,15 @@ class ChangeStatus(enum.StrEnum):
     PARKED = "parked"  # rejected on max_rejections runs: waits for `syncer retry`
 
 
+class Kind(enum.StrEnum):
+    """What a synced computation is: an audience (members, sent as true/false) or a computed
+    trait (a JSON value per user). Audiences and traits may share an id: the kind tells them
+    apart in every table of the syncer's."""
+
+    AUDIENCE = "audience"
+    TRAIT = "trait"
+
+
 class Call(enum.StrEnum):
     """Which Segment call tells a workflow URL about a change (``send`` of its entry)."""
 

@@ -1,4 +1,5 @@
-"""Audiences and their trait keys: the input table, and the keys locked at first sync."""
+"""Audiences, computed traits and their keys: the input tables, and the keys locked at first
+sync (one namespace for both kinds)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,31 @@ from datetime import datetime
 
 from sqlalchemy import Engine, exists, func, literal_column, not_, select, text
 
-from syncer.core.traits import AudienceIdentity, KeyResolution, resolve_keys
-from syncer.store.schema import audience_keys, audience_memberships, audiences
+from syncer.core.states import Kind
+from syncer.core.traits import AudienceIdentity, KeyResolution, Subject, resolve_keys
+from syncer.errors import ConfigError
+from syncer.store.schema import audience_keys, audience_memberships, audiences, computed_traits
 from syncer.store.sql import dialect_insert, reading, writing
 
 
 @dataclass(frozen=True)
 class AudienceRow:
-    """One row of the ``audiences`` input table."""
+    """One row of the ``audiences`` or the ``computed_traits`` input table."""
 
     audience_id: str
     name: str
     key: str | None
     enabled: bool
+    kind: Kind = Kind.AUDIENCE
 
-    def is_named(self, wanted: str, keys: Mapping[str, str]) -> bool:
-        """True when ``wanted`` is this audience's id, trait key, or ``audiences.key``."""
-        return wanted in (self.audience_id, keys.get(self.audience_id), self.key)
+    @property
+    def subject(self) -> Subject:
+        """What this row defines: an audience or a computed trait."""
+        return Subject(self.kind, self.audience_id)
+
+    def is_named(self, wanted: str, keys: Mapping[Subject, str]) -> bool:
+        """True when ``wanted`` is this row's id, trait key, or ``key`` column."""
+        return wanted in (self.audience_id, keys.get(self.subject), self.key)
 
 
 # The distinct audience ids of the memberships, one index probe each (a "loose index scan"),
@@ -50,58 +59,78 @@ class AudienceStore:
         self.engine = engine
 
     def load(self) -> list[AudienceRow]:
-        """Every audience (a few hundred rows at most: memberships are never loaded whole)."""
+        """Every audience, then every computed trait (a few hundred rows at most: memberships
+        and values are never loaded whole)."""
+        rows: list[AudienceRow] = []
         with reading(self.engine) as connection:
-            rows = connection.execute(
-                select(
-                    audiences.c.id, audiences.c.name, audiences.c.key, audiences.c.enabled
-                ).order_by(audiences.c.id)
-            ).all()
-        return [AudienceRow(row.id, row.name, row.key, bool(row.enabled)) for row in rows]
+            for table, kind in ((audiences, Kind.AUDIENCE), (computed_traits, Kind.TRAIT)):
+                found = connection.execute(
+                    select(table.c.id, table.c.name, table.c.key, table.c.enabled).order_by(
+                        table.c.id
+                    )
+                ).all()
+                rows += [
+                    AudienceRow(row.id, row.name, row.key, bool(row.enabled), kind) for row in found
+                ]
+        return rows
 
-    def locked_keys(self) -> dict[str, str]:
-        """Audience id -> the key it was first synced under."""
+    def locked_keys(self) -> dict[Subject, str]:
+        """Each audience and trait -> the key it was first synced under."""
+        k = audience_keys.c
         with reading(self.engine) as connection:
-            rows = connection.execute(select(audience_keys.c.audience_id, audience_keys.c.key))
-            return {row.audience_id: row.key for row in rows}
+            rows = connection.execute(select(k.kind, k.audience_id, k.key))
+            return {Subject(Kind(row.kind), row.audience_id): row.key for row in rows}
 
     def with_keys(self) -> tuple[list[AudienceRow], KeyResolution]:
-        """Every audience, and the key each syncs under (or why it cannot be synced)."""
+        """Every audience and trait, and the key each syncs under (or why it cannot be)."""
         rows = self.load()
         resolution = resolve_keys(
-            [AudienceIdentity(row.audience_id, row.name, row.key) for row in rows],
+            [AudienceIdentity(row.subject, row.name, row.key) for row in rows],
             self.locked_keys(),
         )
         return rows, resolution
 
-    def find(self, wanted: str) -> str | None:
-        """The id of the audience whose id, locked key or ``audiences.key`` is ``wanted``."""
-        rows, resolution = self.with_keys()
-        for row in rows:
-            if row.is_named(wanted, resolution.keys):
-                return row.audience_id
-        return None
+    def find(self, wanted: str) -> Subject | None:
+        """The audience or trait whose id, locked key or ``key`` column is ``wanted``.
 
-    def lock_keys(self, keys: dict[str, str], now: datetime) -> set[str]:
-        """Record that each audience (id -> key) syncs under its key from now on, in one
-        transaction; return the ids whose key is theirs (a key already taken by another audience
-        is not)."""
+        Raises ConfigError when ``wanted`` is the id of both an audience and a trait (their
+        keys tell them apart)."""
+        rows, resolution = self.with_keys()
+        named = [row.subject for row in rows if row.is_named(wanted, resolution.keys)]
+        by_key = [subject for subject in named if resolution.keys.get(subject) == wanted]
+        if len(by_key) == 1:
+            return by_key[0]
+        if len(named) > 1:
+            both = " and ".join(str(subject) for subject in named)
+            raise ConfigError(f"{wanted!r} names {both}: give its key instead")
+        return named[0] if named else None
+
+    def lock_keys(self, keys: dict[Subject, str], now: datetime) -> set[Subject]:
+        """Record that each audience or trait syncs under its key from now on, in one
+        transaction; return those whose key is theirs (a key already taken by another is not)."""
         if not keys:
             return set()
+        k = audience_keys.c
         with writing(self.engine) as connection:
             connection.execute(
                 dialect_insert(connection, audience_keys).on_conflict_do_nothing(),
                 [
-                    {"audience_id": audience_id, "key": key, "locked_at": now}
-                    for audience_id, key in keys.items()
+                    {
+                        "audience_id": subject.id,
+                        "kind": subject.kind.value,
+                        "key": key,
+                        "locked_at": now,
+                    }
+                    for subject, key in keys.items()
                 ],
             )
             locked = connection.execute(
-                select(audience_keys.c.audience_id, audience_keys.c.key).where(
-                    audience_keys.c.audience_id.in_(list(keys))
+                select(k.kind, k.audience_id, k.key).where(
+                    k.audience_id.in_(sorted({subject.id for subject in keys}))
                 )
             ).all()
-        return {audience_id for audience_id, key in locked if keys.get(audience_id) == key}
+        ours = {Subject(Kind(row.kind), row.audience_id): row.key for row in locked}
+        return {subject for subject, key in keys.items() if ours.get(subject) == key}
 
     def orphan_memberships(self, limit: int = 20) -> list[tuple[str, int]]:
         """(audience id, rows) for memberships whose audience does not exist."""

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 
+from syncer.core.jsonvalues import equality_key
 from syncer.core.payload import user_input_problem
 from syncer.errors import DatabaseUnavailable
 
@@ -19,7 +20,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The schema revision this version of the syncer reads and writes: the head of migrations/
 # (a test holds the two together). Every command but `migrate` checks it without loading
 # Alembic, which would cost every process start a fifth of a second.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 # The execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION = "syncer_write"
 # A pooled connection given back more recently than this is used without a ping first.
@@ -43,6 +44,18 @@ def _row_problem(
     return user_input_problem(text(user_id) or "", text(anonymous_id), text(email))
 
 
+def _json_key(value: str | None) -> str | None:
+    # Not JSON: NULL, which equals nothing; planning reports such a value as a bad row.
+    if value is None:
+        return None
+    try:
+        key = equality_key(value)
+        key.encode("utf-8")  # text that was not UTF-8 (read with surrogates) is no JSON either
+        return key
+    except (ValueError, RecursionError):
+        return None
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # Bytes that are not UTF-8 are read as lone surrogates instead of failing the whole query;
     # the row is then reported as invalid rather than crashing a run.
@@ -51,6 +64,7 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # after the reads a decision rests on); SQLAlchemy's begin event starts them instead.
     dbapi_connection.isolation_level = None
     dbapi_connection.create_function("syncer_row_problem", 3, _row_problem, deterministic=True)
+    dbapi_connection.create_function("syncer_json_key", 1, _json_key, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, select, update
 
+from syncer.core.traits import Subject
 from syncer.store.schema import destinations, pairs
 from syncer.store.sql import reading, writing
 
@@ -54,12 +55,17 @@ class HoldStore:
         ]
 
     def approve(
-        self, audience_id: str, destination_ids: Sequence[int] | None, now: datetime
+        self, subject: Subject | str, destination_ids: Sequence[int] | None, now: datetime
     ) -> int:
-        """Let the held exits of an audience (for the given URLs, or all) go out on the next
-        run; return how many held pairs were approved."""
+        """Let the held exits of an audience (or the held nulls of a trait), for the given URLs
+        or all, go out on the next run; return how many held pairs were approved. A plain id
+        names an audience."""
+        if isinstance(subject, str):
+            subject = Subject.audience(subject)
         statement = update(pairs).where(
-            pairs.c.audience_id == audience_id, pairs.c.held_at.is_not(None)
+            pairs.c.audience_id == subject.id,
+            pairs.c.kind == subject.kind.value,
+            pairs.c.held_at.is_not(None),
         )
         if destination_ids is not None:
             statement = statement.where(pairs.c.destination_id.in_(list(destination_ids)))

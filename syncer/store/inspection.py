@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 
 from syncer.core.payload import message_id
-from syncer.core.states import ChangeStatus
+from syncer.core.states import ChangeStatus, Kind
 from syncer.store import Store
 from syncer.store.schema import (
     DELETION_OWED,
@@ -59,14 +59,23 @@ class Inspection:
 
     def _keys(self) -> tuple[dict[str, str], dict[str, str]]:
         _, resolution = self.store.audiences.with_keys()
-        return resolution.keys, {p.audience_id: p.reason for p in resolution.problems}
+        audience = Kind.AUDIENCE
+        return (
+            {
+                subject.id: key
+                for subject, key in resolution.keys.items()
+                if subject.kind is audience
+            },
+            {p.audience_id: p.reason for p in resolution.problems if p.subject.kind is audience},
+        )
 
     def _namespace(self) -> uuid.UUID:
         return self.store.namespace
 
     def find_audience(self, wanted: str) -> str | None:
         """The id of the audience whose id or key is ``wanted``."""
-        return self.store.audiences.find(wanted)
+        subject = self.store.audiences.find(wanted)
+        return subject.id if subject is not None and subject.kind is Kind.AUDIENCE else None
 
     def audiences(self, urls: Sequence[str]) -> list[Record]:
         """Every audience with its members and, per configured URL, what that URL knows,

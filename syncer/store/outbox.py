@@ -31,22 +31,24 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
 
-from syncer.core.diff import FALSE, TRUE
+from syncer.core.diff import FALSE, NULL_VALUE, TRUE
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.pacing import Slots
 from syncer.core.payload import message_id
-from syncer.core.states import Call, ChangeStatus
+from syncer.core.states import Call, ChangeStatus, Kind
+from syncer.core.traits import Subject
 from syncer.store.claims import CLAIM_SET, RELEASED, Claim, claim_parameters, owned, unclaimed
 from syncer.store.pacing import reserve_slots
 from syncer.store.schema import (
     audience_memberships,
+    computed_trait_values,
     deleted_users,
     destinations,
     outbox,
     pairs,
     state,
 )
-from syncer.store.sql import reading, writing
+from syncer.store.sql import json_same, json_text, reading, writing
 
 _m = audience_memberships
 
@@ -90,36 +92,59 @@ _ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
 _HOLD = select(pairs.c.held_at, pairs.c.approved_at).where(
     pairs.c.destination_id == bindparam("destination_id"),
     pairs.c.audience_id == bindparam("audience_id"),
+    pairs.c.kind == bindparam("kind"),
 )
-# Outer joins on primary keys, not EXISTS under OR: PostgreSQL would hash the whole audience
-# (and every deleted user) for each claim of a few rows.
-_CLAIMABLE = (
-    select(_o.id)
-    .select_from(
-        outbox.outerjoin(
-            _m, and_(_m.c.audience_id == bindparam("audience_id"), _m.c.user_id == _o.user_id)
-        ).outerjoin(deleted_users, deleted_users.c.user_id == _o.user_id)
-    )
-    .where(
-        _o.destination_id == bindparam("destination_id"),
-        _o.audience_id == bindparam("audience_id"),
-        _o.status == ChangeStatus.PENDING.value,
-        # As a row value: only the pair's index serves it (the primary key on id alone does
-        # not), so the claim never walks other pairs' rows after the cursor, whatever the
-        # planner's estimates of a small or freshly widened table say.
-        tuple_(_o.destination_id, _o.audience_id, _o.id)
-        > tuple_(bindparam("destination_id"), bindparam("audience_id"), bindparam("after_id")),
-        unclaimed(outbox),
-        deleted_users.c.user_id.is_(None),
-        or_(
+_v = computed_trait_values
+
+
+def _claimable(kind: Kind) -> Any:
+    """The ids of a pair's changes that may be claimed now, ``want`` at most, after a cursor.
+
+    A change is still wanted when it says what is true now: an audience's entry while the user
+    is a member and its exit while not; a trait's value while it equals the current one (by
+    JSON equality; a removed or null value is ``null``).
+    """
+    # Outer joins on primary keys, not EXISTS under OR: PostgreSQL would hash the whole audience
+    # (and every deleted user) for each claim of a few rows.
+    if kind is Kind.AUDIENCE:
+        current = _m
+        joined = and_(_m.c.audience_id == bindparam("audience_id"), _m.c.user_id == _o.user_id)
+        wanted = or_(
             and_(_o.value == TRUE, _m.c.user_id.is_not(None)),
             and_(_o.value == FALSE, _m.c.user_id.is_(None)),
-        ),
+        )
+    else:
+        current = _v
+        joined = and_(_v.c.trait_id == bindparam("audience_id"), _v.c.user_id == _o.user_id)
+        wanted = json_same(_o.value, func.coalesce(json_text(_v.c.value), NULL_VALUE))
+    return (
+        select(_o.id)
+        .select_from(
+            outbox.outerjoin(current, joined).outerjoin(
+                deleted_users, deleted_users.c.user_id == _o.user_id
+            )
+        )
+        .where(
+            _o.destination_id == bindparam("destination_id"),
+            _o.audience_id == bindparam("audience_id"),
+            _o.kind == kind.value,
+            _o.status == ChangeStatus.PENDING.value,
+            # As a row value: only the pair's index serves it (the primary key on id alone does
+            # not), so the claim never walks other pairs' rows after the cursor, whatever the
+            # planner's estimates of a small or freshly widened table say.
+            tuple_(_o.destination_id, _o.audience_id, _o.id)
+            > tuple_(bindparam("destination_id"), bindparam("audience_id"), bindparam("after_id")),
+            unclaimed(outbox),
+            deleted_users.c.user_id.is_(None),
+            wanted,
+        )
+        .order_by(_o.id)
+        .limit(bindparam("want"))
+        .with_for_update(of=outbox, skip_locked=True)
     )
-    .order_by(_o.id)
-    .limit(bindparam("want"))
-    .with_for_update(of=outbox, skip_locked=True)
-)
+
+
+_CLAIMABLE = {kind: _claimable(kind) for kind in Kind}
 _CLAIM = (
     update(outbox)
     .where(_o.id.in_(_ids))
@@ -130,12 +155,12 @@ _CLAIM = (
 _ACCEPT = (
     delete(outbox)
     .where(_o.id.in_(_ids))
-    .returning(_o.id, _o.audience_id, _o.user_id, _o.value, _o.anonymous_id, _o.email)
+    .returning(_o.id, _o.audience_id, _o.kind, _o.user_id, _o.value, _o.anonymous_id, _o.email)
 )
 _ACCEPT_MINE = (
     delete(outbox)
     .where(_o.id.in_(_ids), _o.claim_token == bindparam("claim_token_"))
-    .returning(_o.id, _o.audience_id, _o.user_id, _o.value, _o.anonymous_id, _o.email)
+    .returning(_o.id, _o.audience_id, _o.kind, _o.user_id, _o.value, _o.anonymous_id, _o.email)
 )
 _OWNED_ROWS = select(_o.id).where(_o.id.in_(_ids))
 _DELETED_AMONG = select(deleted_users.c.user_id).where(
@@ -147,7 +172,7 @@ _TOLD_COLUMNS = ("value", "unsure", "anonymous_id", "email", "message_id", "told
 def _upsert_told(insert: Any) -> Any:
     statement = insert(state)
     return statement.on_conflict_do_update(
-        index_elements=["destination_id", "audience_id", "user_id"],
+        index_elements=["destination_id", "audience_id", "kind", "user_id"],
         set_={name: statement.excluded[name] for name in _TOLD_COLUMNS},
     )
 
@@ -157,15 +182,16 @@ _UPSERT_TOLD_SQLITE = _upsert_told(sqlite_insert)
 # which made recording a chunk cost 0.15 ms a row.
 _UPSERT_TOLD_POSTGRESQL = text(
     """
-    INSERT INTO syncer_state (destination_id, audience_id, user_id, value, unsure,
+    INSERT INTO syncer_state (destination_id, audience_id, kind, user_id, value, unsure,
                               anonymous_id, email, message_id, told_at)
-    SELECT :destination_id, t.audience_id, t.user_id, t.value, false,
+    SELECT :destination_id, t.audience_id, t.kind, t.user_id, t.value, false,
            t.anonymous_id, t.email, t.message_id, :told_at
-    FROM unnest(CAST(:audience_ids AS text[]), CAST(:user_ids AS text[]),
-                CAST(:told_values AS text[]), CAST(:anonymous_ids AS text[]),
-                CAST(:emails AS text[]), CAST(:message_ids AS text[]))
-         AS t(audience_id, user_id, value, anonymous_id, email, message_id)
-    ON CONFLICT (destination_id, audience_id, user_id) DO UPDATE SET
+    FROM unnest(CAST(:audience_ids AS text[]), CAST(:kinds AS text[]),
+                CAST(:user_ids AS text[]), CAST(:told_values AS text[]),
+                CAST(:anonymous_ids AS text[]), CAST(:emails AS text[]),
+                CAST(:message_ids AS text[]))
+         AS t(audience_id, kind, user_id, value, anonymous_id, email, message_id)
+    ON CONFLICT (destination_id, audience_id, kind, user_id) DO UPDATE SET
         value = excluded.value, unsure = excluded.unsure, anonymous_id = excluded.anonymous_id,
         email = excluded.email, message_id = excluded.message_id, told_at = excluded.told_at
     """
@@ -180,12 +206,12 @@ _CLEAR_REFUSAL = (
 
 
 # On PostgreSQL, the common exchange (every answer a delivery, no pacing) is one call of the
-# function of migrations 0007 and 0008: one round trip where the statements above take six to
+# function of migrations 0007 to 0009: one round trip where the statements above take six to
 # nine, each of which left the sender waiting about a millisecond under load.
 _EXCHANGE_POSTGRESQL = text(
     """
     SELECT * FROM syncer_exchange(
-        CAST(:destination_id AS integer), CAST(:audience_id AS text),
+        CAST(:destination_id AS integer), CAST(:audience_id AS text), CAST(:kind AS text),
         CAST(:claim_token_ AS text), CAST(:claimed_by_ AS text),
         CAST(:ttl_ AS double precision), CAST(:ids AS bigint[]), CAST(:message_ids AS text[]),
         CAST(:told_at AS timestamp), CAST(:want AS integer), CAST(:after_id AS bigint),
@@ -216,13 +242,15 @@ class OutboxStore:
         max_rejections: int,
         rate_per_second: float = 0.0,
         clear_refusal: bool = True,
+        kind: Kind = Kind.AUDIENCE,
     ) -> Exchanged:
         """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
         transaction: the send of each claimed change is decided here, against the state of now.
 
         A change is claimed only if it is pending, no live claim holds it, its user is not
         deleted, the pair is not held, and it is still wanted (an entry for a member, an exit
-        for a non-member): what upstream changed since the plan is left for the next plan.
+        for a non-member, a trait's current value): what upstream changed since the plan is
+        left for the next plan. ``kind``: whether ``audience_id`` names an audience or a trait.
         With ``rate_per_second``, the claimed changes take that many slots of the URL's schedule.
         ``clear_refusal``: a delivery clears a refusal recorded for the URL (a worker asks once
         per run, on its first delivery, to save the statement on every exchange).
@@ -233,7 +261,13 @@ class OutboxStore:
             and all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results)
         ):
             return self._exchange_in_database(
-                claim, destination_id, audience_id, results, want, after_id, now, clear_refusal
+                claim,
+                (destination_id, audience_id, kind),
+                results,
+                want,
+                after_id,
+                now,
+                clear_refusal,
             )
         with writing(self.engine) as connection:
             lost = self._record(connection, claim, destination_id, results, now, max_rejections)
@@ -242,11 +276,14 @@ class OutboxStore:
             if want <= 0:
                 return Exchanged([], lost)
             hold = connection.execute(
-                _HOLD, {"destination_id": destination_id, "audience_id": audience_id}
+                _HOLD,
+                {"destination_id": destination_id, "audience_id": audience_id, "kind": kind.value},
             ).one_or_none()
             if hold is not None and hold.held_at is not None and hold.approved_at is None:
                 return Exchanged([], lost, held=True)
-            claimed = self._claim(connection, claim, destination_id, audience_id, want, after_id)
+            claimed = self._claim(
+                connection, claim, (destination_id, audience_id, kind), want, after_id
+            )
             slots = None
             if claimed and rate_per_second > 0:
                 slots = reserve_slots(connection, destination_id, len(claimed), rate_per_second)
@@ -255,8 +292,7 @@ class OutboxStore:
     def _exchange_in_database(
         self,
         claim: Claim,
-        destination_id: int,
-        audience_id: str,
+        pair: tuple[int, str, Kind],
         results: Sequence[tuple[int, Outcome]],
         want: int,
         after_id: int,
@@ -264,6 +300,7 @@ class OutboxStore:
         clear_refusal: bool,
     ) -> Exchanged:
         """:meth:`exchange` for deliveries only, on PostgreSQL: one call, one transaction."""
+        destination_id, audience_id, kind = pair
         ids = [change_id for change_id, _ in results]
         with self._autocommit.connect() as connection:
             rows = connection.execute(
@@ -271,6 +308,7 @@ class OutboxStore:
                 {
                     "destination_id": destination_id,
                     "audience_id": audience_id,
+                    "kind": kind.value,
                     **claim_parameters(claim),
                     "ids": ids,
                     "message_ids": [message_id(self.namespace, i) for i in ids],
@@ -288,16 +326,16 @@ class OutboxStore:
     def _claim(
         connection: Connection,
         claim: Claim,
-        destination_id: int,
-        audience_id: str,
+        pair: tuple[int, str, Kind],
         want: int,
         after_id: int,
     ) -> list[QueuedChange]:
+        destination_id, audience_id, kind = pair
         parameters = {"destination_id": destination_id, "audience_id": audience_id}
         # Chosen first, then updated by id: an UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR
         # UPDATE SKIP LOCKED) may rescan its subquery on PostgreSQL and claim more than n rows.
         ids = (
-            connection.execute(_CLAIMABLE, {**parameters, "after_id": after_id, "want": want})
+            connection.execute(_CLAIMABLE[kind], {**parameters, "after_id": after_id, "want": want})
             .scalars()
             .all()
         )
@@ -407,6 +445,7 @@ class OutboxStore:
                     "destination_id": destination_id,
                     "told_at": now,
                     "audience_ids": [row.audience_id for row in told],
+                    "kinds": [row.kind for row in told],
                     "user_ids": [row.user_id for row in told],
                     "told_values": [row.value for row in told],
                     "anonymous_ids": [row.anonymous_id for row in told],
@@ -421,6 +460,7 @@ class OutboxStore:
                     {
                         "destination_id": destination_id,
                         "audience_id": row.audience_id,
+                        "kind": row.kind,
                         "user_id": row.user_id,
                         "value": row.value,
                         "unsure": False,
@@ -434,19 +474,25 @@ class OutboxStore:
             )
         return len(rows)
 
-    def status_counts(self, destination_id: int, audience_id: str) -> dict[ChangeStatus, int]:
+    def status_counts(
+        self, destination_id: int, audience_id: str, kind: Kind = Kind.AUDIENCE
+    ) -> dict[ChangeStatus, int]:
         """How many queued changes of one (URL, audience) are pending, rejected or parked."""
         with reading(self.engine) as connection:
             rows = connection.execute(
                 select(outbox.c.status, func.count())
                 .where(
-                    outbox.c.destination_id == destination_id, outbox.c.audience_id == audience_id
+                    outbox.c.destination_id == destination_id,
+                    outbox.c.audience_id == audience_id,
+                    outbox.c.kind == kind.value,
                 )
                 .group_by(outbox.c.status)
             )
             return {ChangeStatus(row[0]): int(row[1]) for row in rows}
 
-    def claimed_elsewhere(self, destination_id: int, audience_id: str) -> int:
+    def claimed_elsewhere(
+        self, destination_id: int, audience_id: str, kind: Kind = Kind.AUDIENCE
+    ) -> int:
         """How many pending changes of one (URL, audience) a live claim holds: another worker
         is sending them (this worker holds none once its delivery loop has ended)."""
         with reading(self.engine) as connection:
@@ -455,21 +501,25 @@ class OutboxStore:
                     select(func.count()).where(
                         outbox.c.destination_id == destination_id,
                         outbox.c.audience_id == audience_id,
+                        outbox.c.kind == kind.value,
                         outbox.c.status == ChangeStatus.PENDING.value,
                         not_(unclaimed(outbox)),
                     )
                 ).scalar_one()
             )
 
-    def requeue(self, destination_ids: Sequence[int] | None, audience_id: str | None) -> int:
-        """Put rejected and parked changes back in line; return how many."""
+    def requeue(self, destination_ids: Sequence[int] | None, subject: Subject | None) -> int:
+        """Put rejected and parked changes back in line (of every pair, or of one audience's or
+        trait's); return how many."""
         statement = update(outbox).where(
             outbox.c.status.in_([ChangeStatus.REJECTED.value, ChangeStatus.PARKED.value])
         )
         if destination_ids is not None:
             statement = statement.where(outbox.c.destination_id.in_(list(destination_ids)))
-        if audience_id is not None:
-            statement = statement.where(outbox.c.audience_id == audience_id)
+        if subject is not None:
+            statement = statement.where(
+                outbox.c.audience_id == subject.id, outbox.c.kind == subject.kind.value
+            )
         with writing(self.engine) as connection:
             counted = connection.execution_options(preserve_rowcount=True)
             return int(

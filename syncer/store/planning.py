@@ -14,7 +14,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     Boolean,
@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection
 
 from syncer.core.diff import FALSE, TRUE
 from syncer.core.guard import GuardLimits, guard_verdict
-from syncer.core.states import Call, ChangeStatus
+from syncer.core.states import Call, ChangeStatus, Kind
 from syncer.store.schema import (
     OUTBOX_MAYBE_PROCESSED,
     STATE_TOLD_TRUE,
@@ -92,7 +92,7 @@ class PlanResult:
     approved: bool = False  # the guard would have held, but the hold was approved
 
 
-class _Held(Exception):
+class Held(Exception):
     """Raised inside the plan's transaction to undo it: the guard holds the pair."""
 
     def __init__(self, reason: str) -> None:
@@ -111,7 +111,7 @@ def same_identity(one: Any, other: Any) -> ColumnElement[bool]:
 
 
 @dataclass(frozen=True)
-class _Pair:
+class Pair:
     """The SQL predicates of one (URL, audience), for the statements of a plan."""
 
     connection: Connection
@@ -122,11 +122,27 @@ class _Pair:
     resend_identity: bool = False
     # The call the URL is sent new changes with (its `send`); queued changes keep theirs.
     call: Call = Call.IDENTIFY
+    kind: Kind = Kind.AUDIENCE
 
     def outbox(self) -> ColumnElement[bool]:
         return and_(
             outbox.c.destination_id == self.destination_id,
             outbox.c.audience_id == self.audience_id,
+            outbox.c.kind == self.kind.value,
+        )
+
+    def pair_row(self) -> ColumnElement[bool]:
+        return and_(
+            pairs.c.destination_id == self.destination_id,
+            pairs.c.audience_id == self.audience_id,
+            pairs.c.kind == self.kind.value,
+        )
+
+    def state_rows(self) -> ColumnElement[bool]:
+        return and_(
+            state.c.destination_id == self.destination_id,
+            state.c.audience_id == self.audience_id,
+            state.c.kind == self.kind.value,
         )
 
     def member(self, user: Any) -> ColumnElement[bool]:
@@ -143,11 +159,7 @@ class _Pair:
         return exists().where(deleted_users.c.user_id == user)
 
     def _state(self, user: Any) -> ColumnElement[bool]:
-        return and_(
-            state.c.destination_id == self.destination_id,
-            state.c.audience_id == self.audience_id,
-            state.c.user_id == user,
-        )
+        return and_(self.state_rows(), state.c.user_id == user)
 
     def certainly_true(self, user: Any) -> ColumnElement[bool]:
         return exists().where(self._state(user), state.c.value == TRUE, state.c.unsure == false())
@@ -186,20 +198,16 @@ class _Pair:
         )
 
     def queued(self, user: Any) -> ColumnElement[bool]:
-        return exists().where(
-            outbox.c.destination_id == self.destination_id,
-            outbox.c.audience_id == self.audience_id,
-            outbox.c.user_id == user,
-        )
+        return exists().where(self.outbox(), outbox.c.user_id == user)
 
 
 _OUTBOX_COLUMNS = [
     "destination_id", "audience_id", "user_id", "value", "anonymous_id", "email", "forced",
-    "attempted", "created_at", "status", "attempts", "rejections", "call",
+    "attempted", "created_at", "status", "attempts", "rejections", "call", "kind",
 ]  # fmt: skip
 
 
-def _new_change(pair: _Pair, value: str, forced: bool, now: datetime) -> list[Any]:
+def new_change(pair: Pair, value: str, forced: bool, now: datetime) -> list[Any]:
     return [
         literal(pair.destination_id, Integer),
         literal(pair.audience_id, Text),
@@ -211,10 +219,11 @@ def _new_change(pair: _Pair, value: str, forced: bool, now: datetime) -> list[An
         literal(0, Integer),
         literal(0, Integer),
         literal(pair.call.value, Text),
+        literal(pair.kind.value, Text),
     ]
 
 
-def _insert_changes(connection: Connection, select_: Any) -> int:
+def insert_changes(connection: Connection, select_: Any) -> int:
     counted = connection.execution_options(preserve_rowcount=True)
     postgresql = connection.dialect.name == "postgresql"
     if postgresql:
@@ -230,49 +239,107 @@ def _insert_changes(connection: Connection, select_: Any) -> int:
             connection.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")
 
 
-def _ensure_pair(connection: Connection, destination_id: int, audience_id: str) -> None:
+def ensure_pair(pair: Pair) -> None:
     # Outside the plan's savepoint: a hold must find the row even when the plan is undone.
-    connection.execute(
-        dialect_insert(connection, pairs)
-        .values(destination_id=destination_id, audience_id=audience_id)
+    pair.connection.execute(
+        dialect_insert(pair.connection, pairs)
+        .values(
+            destination_id=pair.destination_id, audience_id=pair.audience_id, kind=pair.kind.value
+        )
         .on_conflict_do_nothing()
     )
 
 
-def _lock_pair(pair: _Pair) -> Any:
-    connection = pair.connection
-    return connection.execute(
-        select(pairs)
-        .where(
-            pairs.c.destination_id == pair.destination_id, pairs.c.audience_id == pair.audience_id
-        )
-        .with_for_update()
-    ).one()
+def lock_pair(pair: Pair) -> Any:
+    """Lock the pair's row for the plan's transaction, and return it."""
+    return pair.connection.execute(select(pairs).where(pair.pair_row()).with_for_update()).one()
 
 
-def _plan_in(
-    pair: _Pair, *, full: bool, now: datetime, limits: GuardLimits, retry_rejected: bool = True
-) -> PlanResult:
-    connection = pair.connection
-    row = _lock_pair(pair)
-    # A new change must be newer than every change of the pair before it, whatever the clocks
-    # of the hosts that planned those said (and for a database upgraded with changes queued).
-    newest_queued = connection.execute(
+def plan_floor(pair: Pair, row: Any, now: datetime) -> datetime:
+    """The timestamp of the plan's new changes: ``now``, or later than every change of the pair
+    before it, whatever the clocks of the hosts that planned those said."""
+    newest_queued = pair.connection.execute(
         select(func.max(outbox.c.created_at)).where(pair.outbox())
     ).scalar_one()
-    floor = max((t for t in (row.last_planned_at, newest_queued) if t is not None), default=None)
+    floor: datetime | None = max(
+        (t for t in (row.last_planned_at, newest_queued) if t is not None), default=None
+    )
     if floor is not None and now <= floor:
-        now = floor + TIMESTAMP_STEP
-    held = row.held_at is not None
-    approved = held and row.approved_at is not None
+        return floor + TIMESTAMP_STEP
+    return now
 
+
+def start_plan(pair: Pair, now: datetime, retry_rejected: bool) -> tuple[datetime, bool, bool]:
+    """Lock the pair, and put changes rejected by an earlier run back in line (once per run);
+    return the plan's timestamp (:func:`plan_floor`), whether the pair is held, and whether the
+    hold was approved."""
+    row = lock_pair(pair)
     if retry_rejected:
-        # A change refused by an earlier run is tried again (once per run).
-        connection.execute(
+        pair.connection.execute(
             update(outbox)
             .where(pair.outbox(), outbox.c.status == ChangeStatus.REJECTED.value)
             .values(status=ChangeStatus.PENDING.value)
         )
+    held = row.held_at is not None
+    return plan_floor(pair, row, now), held, held and row.approved_at is not None
+
+
+def mark_dropped_as_doubtful(pair: Pair, dropped: ColumnElement[bool]) -> None:
+    """Delete the pair's queued changes that are ``dropped``; a change that may have been
+    processed leaves its doubt behind: until the URL accepts a newer value, the current one is
+    sent even if it looks like a no-op."""
+    o = outbox.c
+    connection = pair.connection
+    doubtful = select(
+        o.destination_id,
+        o.audience_id,
+        o.kind,
+        o.user_id,
+        literal(True, Boolean),
+        o.anonymous_id,
+        o.email,
+    ).where(pair.outbox(), OUTBOX_MAYBE_PROCESSED, dropped, not_(pair.suppressed(o.user_id)))
+    upsert = dialect_insert(connection, state).from_select(
+        ["destination_id", "audience_id", "kind", "user_id", "unsure", "anonymous_id", "email"],
+        doubtful,
+    )
+    connection.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["destination_id", "audience_id", "kind", "user_id"],
+            set_={"unsure": True},
+        )
+    )
+    connection.execute(delete(outbox).where(pair.outbox(), dropped))
+
+
+def finish_plan(pair: Pair, now: datetime, held: bool) -> dict[str, int]:
+    """Note the plan's time on the pair (lifting a hold it had), and count what is queued by
+    value: sendable changes, not parked ones."""
+    connection = pair.connection
+    o = outbox.c
+    queued: dict[str, int] = dict(
+        connection.execute(
+            select(o.value, func.count())
+            .where(pair.outbox(), o.status != ChangeStatus.PARKED.value)
+            .group_by(o.value)
+        ).all()
+    )
+    connection.execute(
+        update(pairs)
+        .where(pair.pair_row())
+        .values(
+            last_planned_at=now,
+            **({"held_at": None, "hold_reason": None, "approved_at": None} if held else {}),
+        )
+    )
+    return queued
+
+
+def _plan_in(
+    pair: Pair, *, full: bool, now: datetime, limits: GuardLimits, retry_rejected: bool = True
+) -> PlanResult:
+    connection = pair.connection
+    now, held, approved = start_plan(pair, now, retry_rejected)
 
     o = outbox.c
     kept = and_(
@@ -298,20 +365,7 @@ def _plan_in(
             ),
         ),
     )
-    # A change that may have been processed and is now dropped leaves its doubt behind: until
-    # the URL accepts a newer value, the current one is sent even if it looks like a no-op.
-    doubtful = select(
-        o.destination_id, o.audience_id, o.user_id, literal(True, Boolean), o.anonymous_id, o.email
-    ).where(pair.outbox(), OUTBOX_MAYBE_PROCESSED, not_(kept), not_(pair.suppressed(o.user_id)))
-    upsert = dialect_insert(connection, state).from_select(
-        ["destination_id", "audience_id", "user_id", "unsure", "anonymous_id", "email"], doubtful
-    )
-    connection.execute(
-        upsert.on_conflict_do_update(
-            index_elements=["destination_id", "audience_id", "user_id"], set_={"unsure": True}
-        )
-    )
-    connection.execute(delete(outbox).where(pair.outbox(), not_(kept)))
+    mark_dropped_as_doubtful(pair, not_(kept))
     if full:
         connection.execute(update(outbox).where(pair.outbox(), o.value == TRUE).values(forced=True))
 
@@ -322,8 +376,8 @@ def _plan_in(
         or_(literal(full, Boolean), not_(pair.certainly_told_as_member(_m.c.user_id))),
     )
     problem = row_problem(connection, _m.c.user_id, _m.c.anonymous_id, _m.c.email)
-    fields = _new_change(pair, TRUE, full, now)
-    new_entered = _insert_changes(
+    fields = new_change(pair, TRUE, full, now)
+    new_entered = insert_changes(
         connection,
         select(
             fields[0],
@@ -351,51 +405,30 @@ def _plan_in(
         example = f"{first[0]!r}: {first[1]}"
 
     s = state.c
-    exits = _new_change(pair, FALSE, False, now)
+    exits = new_change(pair, FALSE, False, now)
     leaving = and_(
-        s.destination_id == pair.destination_id,
-        s.audience_id == pair.audience_id,
+        pair.state_rows(),
         not_(pair.member(s.user_id)),
         not_(pair.queued(s.user_id)),
         not_(pair.suppressed(s.user_id)),
     )
     exit_columns = (exits[0], exits[1], s.user_id, exits[2], s.anonymous_id, s.email, *exits[3:])
-    new_exited = _insert_changes(connection, select(*exit_columns).where(STATE_TOLD_TRUE, leaving))
+    new_exited = insert_changes(connection, select(*exit_columns).where(STATE_TOLD_TRUE, leaving))
     told = int(
         connection.execute(
-            select(func.count()).where(
-                s.destination_id == pair.destination_id,
-                s.audience_id == pair.audience_id,
-                STATE_TOLD_TRUE,
-            )
+            select(func.count()).where(pair.state_rows(), STATE_TOLD_TRUE)
         ).scalar_one()
     )
     verdict = guard_verdict(told=told, new_exits=new_exited, limits=limits)
     if verdict.hold and not approved:
-        raise _Held(verdict.reason)
+        raise Held(verdict.reason)
     # Users the URL may have been told about without ever accepting: tell them they are out.
-    new_exited += _insert_changes(
+    new_exited += insert_changes(
         connection,
         select(*exit_columns).where(STATE_UNSURE, or_(s.value.is_(None), s.value != TRUE), leaving),
     )
 
-    queued: dict[str, int] = dict(
-        connection.execute(
-            select(o.value, func.count())
-            .where(pair.outbox(), o.status != ChangeStatus.PARKED.value)
-            .group_by(o.value)
-        ).all()
-    )
-    connection.execute(
-        update(pairs)
-        .where(
-            pairs.c.destination_id == pair.destination_id, pairs.c.audience_id == pair.audience_id
-        )
-        .values(
-            last_planned_at=now,
-            **({"held_at": None, "hold_reason": None, "approved_at": None} if held else {}),
-        )
-    )
+    queued = finish_plan(pair, now, held)
     return PlanResult(
         PlanOutcome.PLANNED,
         new_entered=new_entered,
@@ -406,6 +439,27 @@ def _plan_in(
         invalid_example=example,
         approved=approved and verdict.hold,
     )
+
+
+class _PlanIn(Protocol):
+    def __call__(
+        self,
+        pair: Pair,
+        *,
+        full: bool,
+        now: datetime,
+        limits: GuardLimits,
+        retry_rejected: bool = True,
+    ) -> PlanResult: ...
+
+
+def _planner(kind: Kind) -> _PlanIn:
+    if kind is Kind.AUDIENCE:
+        return _plan_in
+    # Imported here: the trait planner is built on this module's pieces.
+    from syncer.store.trait_planning import plan_trait_in
+
+    return plan_trait_in
 
 
 class PlanStore:
@@ -421,7 +475,8 @@ class PlanStore:
         *,
         resend_on_identity_change: bool = False,
     ) -> set[tuple[int, str]]:
-        """The (URL, audience) pairs a run must plan, found in a few set-based statements over
+        """The (URL, audience) pairs a run must plan (audiences only: every computed trait's
+        pair is planned), found in a few set-based statements over
         every pair at once: those with changes queued or rejected, those held, those with a
         member the URL is not certainly told about, and those the URL may believe holds a user
         who is no longer a member. Every other pair has nothing to do; planning it would
@@ -434,6 +489,7 @@ class PlanStore:
             select(o.destination_id, o.audience_id)
             .where(
                 wanted_pair,
+                o.kind == Kind.AUDIENCE.value,
                 o.status.in_([ChangeStatus.PENDING.value, ChangeStatus.REJECTED.value]),
             )
             .distinct()
@@ -441,6 +497,7 @@ class PlanStore:
         held = select(pairs.c.destination_id, pairs.c.audience_id).where(
             pairs.c.destination_id.in_(destination_ids),
             pairs.c.audience_id.in_(audience_ids),
+            pairs.c.kind == Kind.AUDIENCE.value,
             pairs.c.held_at.is_not(None),
         )
         # Each pair is asked whether one member is not certainly told, and whether one user
@@ -450,6 +507,7 @@ class PlanStore:
             .where(
                 s.destination_id == d.id,
                 s.audience_id == _m.c.audience_id,
+                s.kind == Kind.AUDIENCE.value,
                 s.user_id == _m.c.user_id,
                 STATE_TOLD_TRUE,
                 s.unsure == false(),
@@ -467,6 +525,7 @@ class PlanStore:
         leaving_user = exists().where(
             s.destination_id == d.id,
             s.audience_id == a.id,
+            s.kind == Kind.AUDIENCE.value,
             or_(STATE_TOLD_TRUE, STATE_UNSURE),
             not_(exists().where(_m.c.audience_id == s.audience_id, _m.c.user_id == s.user_id)),
         )
@@ -501,6 +560,7 @@ class PlanStore:
         retry_rejected: bool = True,
         resend_on_identity_change: bool = False,
         call: Call = Call.IDENTIFY,
+        kind: Kind = Kind.AUDIENCE,
     ) -> PlanResult:
         """Make the pair's outbox hold exactly what its URL must be told, or hold the pair.
 
@@ -508,27 +568,27 @@ class PlanStore:
         does; a second plan in the same run does not, so a rejection counts once per run).
         ``resend_on_identity_change``: a member whose email or anonymousId is not the one the
         URL was told with is sent again (see :func:`syncer.core.diff.plan_user`). ``call``:
-        the call new changes are sent with; queued ones keep theirs.
+        the call new changes are sent with; queued ones keep theirs. ``kind``: whether
+        ``audience_id`` names an audience or a computed trait.
         """
+        plan_in = _planner(kind)
 
         def attempt() -> PlanResult:
             with writing(self.engine, snapshot=True) as connection:
-                pair = _Pair(
-                    connection, destination_id, audience_id, resend_on_identity_change, call
+                pair = Pair(
+                    connection, destination_id, audience_id, resend_on_identity_change, call, kind
                 )
-                _ensure_pair(connection, destination_id, audience_id)
+                ensure_pair(pair)
                 try:
                     with connection.begin_nested():
-                        return _plan_in(
+                        return plan_in(
                             pair, full=full, now=now, limits=limits, retry_rejected=retry_rejected
                         )
-                except _Held as held:
+                except Held as held:
                     reason = held.reason
                 connection.execute(
                     update(pairs)
-                    .where(
-                        pairs.c.destination_id == destination_id, pairs.c.audience_id == audience_id
-                    )
+                    .where(pair.pair_row())
                     .values(
                         held_at=func.coalesce(pairs.c.held_at, now),
                         hold_reason=reason,
@@ -562,6 +622,7 @@ class PlanStore:
         emit: Callable[[str, str, Call], None],
         resend_on_identity_change: bool = False,
         call: Call = Call.IDENTIFY,
+        kind: Kind = Kind.AUDIENCE,
     ) -> PlanResult:
         """Plan exactly as a run would, hand every change it would send to ``emit(user, value,
         call)`` in batches, then undo everything: nothing is written."""
@@ -574,12 +635,14 @@ class PlanStore:
             destination_id = connection.execute(
                 select(destinations.c.id).where(destinations.c.canonical == canonical)
             ).scalar_one()
-            pair = _Pair(connection, destination_id, audience_id, resend_on_identity_change, call)
-            _ensure_pair(connection, destination_id, audience_id)
+            pair = Pair(
+                connection, destination_id, audience_id, resend_on_identity_change, call, kind
+            )
+            ensure_pair(pair)
             try:
                 with connection.begin_nested():
-                    result = _plan_in(pair, full=full, now=now, limits=limits)
-            except _Held as held:
+                    result = _planner(kind)(pair, full=full, now=now, limits=limits)
+            except Held as held:
                 return PlanResult(PlanOutcome.HELD, hold_reason=held.reason)
             rows = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
                 select(outbox.c.user_id, outbox.c.value, outbox.c.call)

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from syncer.core.states import RunStatus
+from syncer.core.traits import Subject
 from syncer.store.schema import pairs, runs
 from syncer.store.sql import dialect_insert, reading, writing
 
@@ -85,22 +86,23 @@ class RunStore:
         return len(dead)
 
     def record_pair(
-        self, destination_id: int, audience_id: str, run_id: int, *, complete: bool, now: datetime
+        self, destination_id: int, subject: Subject, run_id: int, *, complete: bool, now: datetime
     ) -> None:
-        """Note that a run worked on a (URL, audience), and whether it left nothing owed."""
-        self.record_pairs(destination_id, [audience_id], run_id, complete=complete, now=now)
+        """Note that a run worked on a (URL, audience or trait), and whether it left nothing
+        owed."""
+        self.record_pairs(destination_id, [subject], run_id, complete=complete, now=now)
 
     def record_pairs(
         self,
         destination_id: int,
-        audience_ids: list[str],
+        subjects: list[Subject],
         run_id: int,
         *,
         complete: bool,
         now: datetime,
     ) -> None:
-        """:meth:`record_pair` for many audiences of one URL, in one statement."""
-        if not audience_ids:
+        """:meth:`record_pair` for many audiences and traits of one URL, in one statement."""
+        if not subjects:
             return
         with writing(self.engine) as connection:
             values: dict[str, Any] = {"last_run_id": run_id, "last_attempt_at": now}
@@ -109,11 +111,16 @@ class RunStore:
             statement = dialect_insert(connection, pairs)
             connection.execute(
                 statement.on_conflict_do_update(
-                    index_elements=["destination_id", "audience_id"],
+                    index_elements=["destination_id", "audience_id", "kind"],
                     set_={name: statement.excluded[name] for name in values},
                 ),
                 [
-                    {"destination_id": destination_id, "audience_id": audience_id, **values}
-                    for audience_id in audience_ids
+                    {
+                        "destination_id": destination_id,
+                        "audience_id": subject.id,
+                        "kind": subject.kind.value,
+                        **values,
+                    }
+                    for subject in subjects
                 ],
             )

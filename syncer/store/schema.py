@@ -6,6 +6,7 @@ Alembic migrations create these; this module is what the queries are written aga
 from __future__ import annotations
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -51,7 +52,30 @@ audience_memberships = Table(
     PrimaryKeyConstraint("audience_id", "user_id"),
 )
 
+computed_traits = Table(
+    "computed_traits",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("key", Text, nullable=True, unique=True),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("created_at", DateTime, nullable=True),
+)
+
+# A JSON value per user: PostgreSQL's json keeps the text as written (sent exactly as stored);
+# on SQLite it is TEXT holding JSON. The queries read it as text (syncer.store.sql.json_text).
+computed_trait_values = Table(
+    "computed_trait_values",
+    metadata,
+    Column("trait_id", Text, ForeignKey("computed_traits.id"), nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("value", JSON().with_variant(Text(), "sqlite"), nullable=True),
+    PrimaryKeyConstraint("trait_id", "user_id"),
+)
+
 # --- The syncer's own records. ---
+# `audience_id` columns hold the id of an audience or of a computed trait; `kind`
+# (syncer.core.states.Kind) tells which.
 
 meta = Table(
     "syncer_meta",
@@ -78,10 +102,12 @@ destinations = Table(
     Column("next_send_at", Double, nullable=True),
 )
 
+# The key each audience and computed trait syncs under: one namespace for both kinds.
 audience_keys = Table(
     "syncer_audience_keys",
     metadata,
     Column("audience_id", Text, primary_key=True),
+    Column("kind", Text, primary_key=True, server_default="audience"),
     Column("key", Text, nullable=False, unique=True),
     Column("locked_at", DateTime, nullable=False),
 )
@@ -101,7 +127,8 @@ state = Table(
     Column("email", Text, nullable=True),
     Column("message_id", Text, nullable=True),
     Column("told_at", DateTime, nullable=True),
-    PrimaryKeyConstraint("destination_id", "audience_id", "user_id"),
+    Column("kind", Text, nullable=False, server_default="audience"),
+    PrimaryKeyConstraint("destination_id", "audience_id", "kind", "user_id"),
     Index("ix_syncer_state_user", "user_id"),
 )
 # Exits and the guard look only at members a URL was told of, and at doubtful rows: partial
@@ -113,6 +140,7 @@ Index(
     "ix_syncer_state_told_true",
     state.c.destination_id,
     state.c.audience_id,
+    state.c.kind,
     state.c.user_id,
     sqlite_where=STATE_TOLD_TRUE,
     postgresql_where=STATE_TOLD_TRUE,
@@ -121,6 +149,7 @@ Index(
     "ix_syncer_state_unsure",
     state.c.destination_id,
     state.c.audience_id,
+    state.c.kind,
     state.c.user_id,
     sqlite_where=STATE_UNSURE,
     postgresql_where=STATE_UNSURE,
@@ -154,7 +183,10 @@ outbox = Table(
     Column("claimed_until", Double, nullable=True),
     # The call that tells the URL (syncer.core.states.Call), fixed when the change is planned.
     Column("call", Text, nullable=False, server_default="identify"),
-    UniqueConstraint("destination_id", "audience_id", "user_id", name="uq_syncer_outbox_change"),
+    Column("kind", Text, nullable=False, server_default="audience"),
+    UniqueConstraint(
+        "destination_id", "audience_id", "kind", "user_id", name="uq_syncer_outbox_change"
+    ),
     Index("ix_syncer_outbox_user", "user_id"),
     sqlite_autoincrement=True,
 )
@@ -256,5 +288,6 @@ pairs = Table(
     Column("held_at", DateTime, nullable=True),
     Column("hold_reason", Text, nullable=True),
     Column("approved_at", DateTime, nullable=True),
-    PrimaryKeyConstraint("destination_id", "audience_id"),
+    Column("kind", Text, nullable=False, server_default="audience"),
+    PrimaryKeyConstraint("destination_id", "audience_id", "kind"),
 )

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Double,
     Engine,
@@ -73,6 +74,44 @@ def _epoch_postgresql(_element: Any, _compiler: Any, **_kw: Any) -> str:
 @compiles(db_epoch, "sqlite")
 def _epoch_sqlite(_element: Any, _compiler: Any, **_kw: Any) -> str:
     return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+class json_same(FunctionElement[bool]):
+    """Whether two JSON texts hold equal values, by the rule of :mod:`syncer.core.jsonvalues`
+    (PostgreSQL's jsonb equality; on SQLite, that module's key, registered on every connection).
+    NULL when either is NULL, or on SQLite when either is not JSON."""
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(json_same, "postgresql")
+def _json_same_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
+    one, other = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"(CAST(CAST({one} AS text) AS jsonb) = CAST(CAST({other} AS text) AS jsonb))"
+
+
+@compiles(json_same, "sqlite")
+def _json_same_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    one, other = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"(syncer_json_key({one}) = syncer_json_key({other}))"
+
+
+class json_text(FunctionElement[str]):
+    """A JSON column's value as the text it was written as (PostgreSQL's json keeps it)."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(json_text, "postgresql")
+def _json_text_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS text)"
+
+
+@compiles(json_text, "sqlite")
+def _json_text_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
 
 
 @contextmanager

@@ -24,8 +24,8 @@ from typing import TypeVar
 import certifi
 import structlog
 
-from syncer.core.states import Call, PairState, RunStatus
-from syncer.core.traits import KeyProblem
+from syncer.core.states import Call, Kind, PairState, RunStatus
+from syncer.core.traits import KeyProblem, Subject
 from syncer.core.urls import canonical_url
 from syncer.delivery.sender import RetryPolicy, UrlSender
 from syncer.delivery.transport import AiohttpTransport, Transport
@@ -94,15 +94,22 @@ class SyncOptions:
 
 
 def select_audiences(
-    rows: list[AudienceRow], keys: dict[str, str], wanted: str | None
+    rows: list[AudienceRow], keys: dict[Subject, str], wanted: str | None
 ) -> list[AudienceRow]:
-    """The audiences a run covers: all enabled ones, or the one named by id or key."""
+    """The audiences and traits a run covers: all enabled ones, or the one named by id or key
+    (a key first: an audience and a trait may share an id, never a key)."""
     if wanted is None:
         return [row for row in rows if row.enabled]
-    for row in rows:
-        if row.is_named(wanted, keys):
-            return [row]
-    raise ConfigError(f"--audience: no audience has the id or key {wanted!r}")
+    named = [row for row in rows if row.is_named(wanted, keys)]
+    by_key = [row for row in named if keys.get(row.subject) == wanted]
+    if len(by_key) == 1:
+        return by_key
+    if len(named) > 1:
+        both = " and ".join(str(row.subject) for row in named)
+        raise ConfigError(f"--audience: {wanted!r} names {both}: give its key instead")
+    if named:
+        return named
+    raise ConfigError(f"--audience: no audience or computed trait has the id or key {wanted!r}")
 
 
 def _emit_for(
@@ -187,24 +194,32 @@ class SyncEngine:
     def _resolve(self, options: SyncOptions) -> tuple[list[tuple[AudienceRow, str]], SyncReport]:
         rows, resolution = self.store.audiences.with_keys()
         chosen = select_audiences(rows, resolution.keys, options.audience)
-        chosen_ids = {row.audience_id for row in chosen}
+        chosen_subjects = {row.subject for row in chosen}
         report = SyncReport(run_id=None)
-        report.problems = [p for p in resolution.problems if p.audience_id in chosen_ids]
+        report.problems = [p for p in resolution.problems if p.subject in chosen_subjects]
         if options.audience is not None and chosen and not chosen[0].enabled:
-            report.problems.append(KeyProblem(chosen[0].audience_id, "audience is disabled"))
+            report.problems.append(KeyProblem(chosen[0].subject, f"{chosen[0].kind} is disabled"))
         syncable = [
-            (row, resolution.keys[row.audience_id])
+            (row, resolution.keys[row.subject])
             for row in chosen
-            if row.enabled and row.audience_id in resolution.keys
+            if row.enabled and row.subject in resolution.keys
         ]
         if options.audience is None:
             # Only a run over every audience looks for memberships of missing audiences.
             for audience_id, count in self.store.audiences.orphan_memberships():
                 report.problems.append(
-                    KeyProblem(audience_id, f"{count} membership row(s) name no existing audience")
+                    KeyProblem(
+                        Subject.audience(audience_id),
+                        f"{count} membership row(s) name no existing audience",
+                    )
                 )
         for problem in report.problems:
-            log.warning("audience_skipped", audience_id=problem.audience_id, reason=problem.reason)
+            log.warning(
+                "audience_skipped",
+                audience_id=problem.audience_id,
+                kind=problem.subject.kind.value,
+                reason=problem.reason,
+            )
         return syncable, report
 
     def run(
@@ -236,9 +251,9 @@ class SyncEngine:
         for url in options.urls(self.settings.tray.urls):
             route = self.settings.tray.route(url)
             for row, key in syncable:
-                if not route.takes_audience(key):
+                if not route.takes(row.kind, key):
                     continue
-                pair = PairReport(url=url, audience_id=row.audience_id, key=key)
+                pair = PairReport(url=url, audience_id=row.audience_id, key=key, kind=row.kind)
                 result = self.store.planning.dry_run(
                     url,
                     canonical_url(url),
@@ -250,6 +265,7 @@ class SyncEngine:
                     emit=partial(_emit_for, emit, url, key),
                     resend_on_identity_change=self.settings.engage.resend_on_identity_change,
                     call=self.settings.tray.workflow(url).send,
+                    kind=row.kind,
                 )
                 if result.outcome is PlanOutcome.HELD:
                     pair.state, pair.note = PairState.HELD, f"held: {result.hold_reason}"
@@ -268,14 +284,14 @@ class SyncEngine:
         urls = options.urls(configured)
         # Every configured URL, even with --url: the others are not removed.
         destination_ids = await context.db(store.destinations.ensure, configured, utcnow())
-        keys = {row.audience_id: key for row, key in syncable}
+        keys = {row.subject: key for row, key in syncable}
         ours = await context.db(store.audiences.lock_keys, keys, utcnow())
         locked: list[tuple[AudienceRow, str]] = []
         for row, key in syncable:
-            if row.audience_id in ours:
+            if row.subject in ours:
                 locked.append((row, key))
             else:
-                report.problems.append(KeyProblem(row.audience_id, f"key {key!r} was just taken"))
+                report.problems.append(KeyProblem(row.subject, f"key {key!r} was just taken"))
         await context.db(store.refresh_statistics)
         await context.db(store.runs.mark_crashed, holder_is_dead)
         released = await context.db(store.claims.release_dead, holder_is_dead)
@@ -300,7 +316,7 @@ class SyncEngine:
                     resend_on_identity_change=self.settings.engage.resend_on_identity_change,
                 ),
                 [destination_ids[url] for url in urls],
-                [row.audience_id for row, _ in locked],
+                [row.audience_id for row, _ in locked if row.kind is Kind.AUDIENCE],
             )
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
         report.run_id = run_id
@@ -371,17 +387,22 @@ class SyncEngine:
         context, store = self.context, self.store
         deletion_report = await deliver_deletions(context, sender, destination_id)
         reports = []
-        idle: list[str] = []
+        idle: list[Subject] = []
         busy: list[tuple[AudienceRow, str]] = []
         # An audience the URL does not receive is left as it is: what the URL was told stays
         # recorded, so that receiving it again later sends only the net changes.
         route = self.settings.tray.route(sender.url)
         for row, key in audiences:
-            if not route.takes_audience(key):
+            if not route.takes(row.kind, key):
                 continue
-            if with_work is not None and (destination_id, row.audience_id) not in with_work:
+            # Only audiences are looked over for work first: every trait's pair is planned.
+            if (
+                with_work is not None
+                and row.kind is Kind.AUDIENCE
+                and (destination_id, row.audience_id) not in with_work
+            ):
                 reports.append(PairReport(url=sender.url, audience_id=row.audience_id, key=key))
-                idle.append(row.audience_id)
+                idle.append(row.subject)
             else:
                 busy.append((row, key))
         # Where writers do not block each other, the next pair is planned while this one is
@@ -392,13 +413,12 @@ class SyncEngine:
         def plan_after(index: int) -> None:
             if not store.writes_concurrently or index + 1 >= len(busy) or self._stopping.is_set():
                 return
-            audience_id = busy[index + 1][0].audience_id
             plans[index + 1] = asyncio.create_task(
                 plan_pair(
                     context,
                     sender.url,
                     destination_id,
-                    audience_id,
+                    busy[index + 1][0].subject,
                     full=options.full,
                     first_round=True,
                 )
@@ -410,7 +430,7 @@ class SyncEngine:
                     context,
                     sender,
                     destination_id,
-                    row.audience_id,
+                    row.subject,
                     key,
                     full=options.full,
                     progress=progress,
@@ -421,7 +441,7 @@ class SyncEngine:
                 await context.db(
                     store.runs.record_pair,
                     destination_id,
-                    row.audience_id,
+                    row.subject,
                     run_id,
                     complete=report.state is PairState.DONE,
                     now=utcnow(),

@@ -14,7 +14,7 @@ from syncer.core.outcomes import Outcome
 from syncer.core.pacing import Slots
 from syncer.core.payload import Computation, TraitChange, identify_body, track_body
 from syncer.core.signing import signature_headers
-from syncer.core.states import Call
+from syncer.core.states import Call, Kind
 from syncer.store import Store
 from syncer.store.claims import Claim
 from syncer.store.outbox import QueuedChange
@@ -63,6 +63,7 @@ def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
         max_rejections=request.max_rejections,
         rate_per_second=request.rate_per_second,
         clear_refusal=request.clear_refusal,
+        kind=Kind(computation.computation_class),
     )
     claimed = []
     for change in exchanged.claimed:

@@ -11,6 +11,7 @@ import structlog
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.payload import Computation
 from syncer.core.states import ChangeStatus, PairState
+from syncer.core.traits import Subject
 from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
 from syncer.store.outbox import QueuedChange
@@ -37,23 +38,24 @@ async def plan_pair(
     context: RunContext,
     url: str,
     destination_id: int,
-    audience_id: str,
+    subject: Subject,
     *,
     full: bool,
     first_round: bool,
 ) -> PlanResult:
-    """One plan of one (URL, audience): the first of a run, or the one after a stale send.
-    New changes take the call the URL's ``send`` names now."""
+    """One plan of one (URL, audience or trait): the first of a run, or the one after a stale
+    send. New changes take the call the URL's ``send`` names now."""
     return await context.db(
         context.store.planning.plan,
         destination_id,
-        audience_id,
+        subject.id,
         full=full and first_round,
         now=utcnow(),
         limits=context.guard_limits,
         retry_rejected=first_round,
         resend_on_identity_change=context.settings.engage.resend_on_identity_change,
         call=context.settings.tray.workflow(url).send,
+        kind=subject.kind,
     )
 
 
@@ -61,7 +63,7 @@ async def sync_pair(
     context: RunContext,
     sender: UrlSender,
     destination_id: int,
-    audience_id: str,
+    subject: Subject,
     key: str,
     *,
     full: bool,
@@ -76,7 +78,8 @@ async def sync_pair(
     is in, before anything is sent.
     """
     store = context.store
-    report = PairReport(url=sender.url, audience_id=audience_id, key=key)
+    audience_id = subject.id
+    report = PairReport(url=sender.url, audience_id=audience_id, key=key, kind=subject.kind)
     for round_number in range(PLAN_ROUNDS):
         if round_number == 0 and first_plan is not None:
             plan = await first_plan
@@ -85,7 +88,7 @@ async def sync_pair(
                 context,
                 sender.url,
                 destination_id,
-                audience_id,
+                subject,
                 full=full,
                 first_round=round_number == 0,
             )
@@ -109,12 +112,12 @@ async def sync_pair(
             context.expect_delivery(plan.queued_entries + plan.queued_exits)
         else:
             progress.planned(sender.url, plan.new_entered + plan.new_exited)
-        deliver = partial(
-            _deliver, context, sender, destination_id, audience_id, key, report, progress
-        )
+        deliver = partial(_deliver, context, sender, destination_id, subject, key, report, progress)
         await deliver()
-        await _wait_for_other_workers(context, sender, destination_id, audience_id, report, deliver)
-        statuses = await context.db(store.outbox.status_counts, destination_id, audience_id)
+        await _wait_for_other_workers(context, sender, destination_id, subject, report, deliver)
+        statuses = await context.db(
+            store.outbox.status_counts, destination_id, audience_id, subject.kind
+        )
         report.pending = statuses.get(ChangeStatus.PENDING, 0)
         report.rejected = statuses.get(ChangeStatus.REJECTED, 0)
         report.parked = statuses.get(ChangeStatus.PARKED, 0)
@@ -136,7 +139,7 @@ async def _wait_for_other_workers(
     context: RunContext,
     sender: UrlSender,
     destination_id: int,
-    audience_id: str,
+    subject: Subject,
     report: PairReport,
     deliver: Callable[[], Awaitable[None]],
 ) -> None:
@@ -144,14 +147,16 @@ async def _wait_for_other_workers(
     what their dead claims let go of, is ours to ``deliver``; their answers settle the rest."""
     store = context.store
     while report.state is PairState.DONE and not sender.unavailable:
-        others = await context.db(store.outbox.claimed_elsewhere, destination_id, audience_id)
+        others = await context.db(
+            store.outbox.claimed_elsewhere, destination_id, subject.id, subject.kind
+        )
         if not others:
             if report.joined:  # what ran out or was let go of since the last pass is ours now
                 await deliver()
             return
         if not report.joined:
             report.joined = True
-            log.info("pair_shared", url=sender.url, audience_id=audience_id, held_by_others=others)
+            log.info("pair_shared", url=sender.url, audience_id=subject.id, held_by_others=others)
         await context.db(store.claims.release_dead, holder_is_dead)
         await asyncio.sleep(JOIN_POLL_SECONDS)
         await deliver()
@@ -178,13 +183,16 @@ async def _deliver(
     context: RunContext,
     sender: UrlSender,
     destination_id: int,
-    audience_id: str,
+    subject: Subject,
     key: str,
     report: PairReport,
     progress: Progress,
 ) -> None:
     delivery = context.settings.delivery
-    computation = Computation("audience", audience_id, key, context.settings.engage.space_id)
+    audience_id = subject.id
+    computation = Computation(
+        subject.kind.value, audience_id, key, context.settings.engage.space_id
+    )
     keeper = context.claim_keeper()
     claim = keeper.claim
     cursor = 0

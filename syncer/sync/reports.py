@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from syncer.core.states import PairState
+from syncer.core.states import Kind, PairState
 from syncer.core.traits import KeyProblem
 from syncer.store.destinations import RemovedDestination
 from syncer.store.runs import RunCounts
@@ -20,7 +20,7 @@ class PairReport:
     """What one run did for one (URL, audience)."""
 
     url: str
-    audience_id: str
+    audience_id: str  # of the audience or computed trait (``kind``)
     key: str
     state: PairState = PairState.DONE
     entered: int = 0  # new entries this run found
@@ -33,6 +33,7 @@ class PairReport:
     invalid_example: str | None = None
     note: str = ""  # why, in words, when the state is not DONE
     joined: bool = False  # another worker was sending this pair's changes too
+    kind: Kind = Kind.AUDIENCE
 
 
 @dataclass

@@ -51,7 +51,7 @@ from syncer.store import Store
 from syncer.store.claims import Claim
 from syncer.store.database import create_database_engine
 from syncer.store.deletions import OwedDeletion
-from syncer.store.outbox import Exchanged, QueuedChange
+from syncer.store.outbox import Exchanged, OutboxStore, QueuedChange
 from syncer.store.schema import deletions, outbox, state
 from syncer.store.sql import db_epoch, utcnow
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
@@ -193,10 +193,6 @@ class SyncInThread:
             sync.close()
             engine.dispose()
 
-    def running(self) -> bool:
-        """Whether the run has not ended yet."""
-        return self._thread.is_alive()
-
     def wait(self, timeout: float) -> SyncReport:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), f"the second worker still runs after {timeout}s"
@@ -269,7 +265,11 @@ def run_out(engine: Engine, claim: Claim) -> None:
 
 
 def test_a_stuck_claimers_rows_are_sent_only_after_its_claim_runs_out(
-    store: Store, upstream: Upstream, standin: TrayStandin, database_url: str
+    store: Store,
+    upstream: Upstream,
+    standin: TrayStandin,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = store.engine
     upstream.add_audience(AUDIENCE, "Stuck Claimer")
@@ -296,6 +296,17 @@ def test_a_stuck_claimers_rows_are_sent_only_after_its_claim_runs_out(
         return Reply()
 
     standin.respond(PATH, workflow)
+    # Set when the run, done with the rest, has seen rows held by another claim and stays.
+    staying = threading.Event()
+    claimed_elsewhere = OutboxStore.claimed_elsewhere
+
+    def watched(self: OutboxStore, *args: Any) -> int:
+        others = claimed_elsewhere(self, *args)
+        if others:
+            staying.set()
+        return others
+
+    monkeypatch.setattr(OutboxStore, "claimed_elsewhere", watched)
     # A run finds the stuck rows claimed: it sends the rest, then stays on the pair, and takes
     # the stuck rows over only once their claim has run out on the database's clock.
     after_expiry = SyncInThread(database_url, [url], {})
@@ -305,7 +316,8 @@ def test_a_stuck_claimers_rows_are_sent_only_after_its_claim_runs_out(
     wait_until(lambda: live_claims(engine) <= STUCK_ROWS, 15, "the rest to be recorded")
     assert live_claims(engine) == STUCK_ROWS
     assert not in_flight
-    assert after_expiry.running()  # it stays on the pair while the claim lives
+    assert staying.wait(timeout=15), "the run did not stay on the pair"
+    assert not in_flight
     run_out(engine, stuck)
     wait_until(lambda: len(in_flight) == STUCK_ROWS, 30, "the rows to be sent again")
     # They went out under a claim of the run's own: the stuck one no longer holds them.

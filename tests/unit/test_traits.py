@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from syncer.core.traits import AudienceIdentity, derive_key, resolve_keys
+from syncer.core.traits import AudienceIdentity, Subject, derive_key, resolve_keys
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,11 @@ def test_derive_key(name: str, expected: str) -> None:
 
 
 def aud(audience_id: str, name: str, key: str | None = None) -> AudienceIdentity:
-    return AudienceIdentity(audience_id=audience_id, name=name, explicit_key=key)
+    return AudienceIdentity(Subject.audience(audience_id), name=name, explicit_key=key)
+
+
+def audiences_of(mapping: dict[str, str]) -> dict[Subject, str]:
+    return {Subject.audience(audience_id): key for audience_id, key in mapping.items()}
 
 
 @pytest.mark.parametrize(
@@ -155,8 +159,8 @@ def test_resolve_keys(
     expected_keys: dict[str, str],
     refused: set[str],
 ) -> None:
-    resolution = resolve_keys(audiences, locked)
-    assert resolution.keys == expected_keys
+    resolution = resolve_keys(audiences, audiences_of(locked))
+    assert resolution.keys == audiences_of(expected_keys)
     assert {problem.audience_id for problem in resolution.problems} == refused
     assert len(resolution.problems) == len(refused)  # one problem per refused audience
     for problem in resolution.problems:
@@ -177,7 +181,7 @@ def test_resolve_keys(
 )
 def test_invalid_explicit_key_refused_with_reason(bad_key: str) -> None:
     resolution = resolve_keys([aud("a1", "Good Name", key=bad_key), aud("a2", "Other")], {})
-    assert resolution.keys == {"a2": "other"}
+    assert resolution.keys == audiences_of({"a2": "other"})
     assert [problem.audience_id for problem in resolution.problems] == ["a1"]
     reason = resolution.problems[0].reason
     assert repr(bad_key) in reason
@@ -200,6 +204,32 @@ def test_collision_reason_names_the_other_audience() -> None:
 
 
 def test_locked_key_reason_names_the_owner() -> None:
-    resolution = resolve_keys([aud("a2", "VIP")], {"gone": "vip"})
+    resolution = resolve_keys([aud("a2", "VIP")], audiences_of({"gone": "vip"}))
     assert "'gone'" in resolution.problems[0].reason
     assert "'vip'" in resolution.problems[0].reason
+
+
+def test_audiences_and_traits_share_one_key_namespace() -> None:
+    trait = AudienceIdentity(Subject.trait("t1"), "VIP", None)
+    resolution = resolve_keys([aud("a1", "VIP"), trait, aud("a2", "Loyal")], {})
+    assert resolution.keys == audiences_of({"a2": "loyal"})
+    reasons = {problem.subject: problem.reason for problem in resolution.problems}
+    assert "trait 't1'" in reasons[Subject.audience("a1")]
+    assert "audience 'a1'" in reasons[Subject.trait("t1")]
+
+
+def test_an_audience_and_a_trait_may_share_an_id() -> None:
+    same_id = [
+        aud("x", "Big Spenders"),
+        AudienceIdentity(Subject.trait("x"), "Lifetime Value", None),
+    ]
+    resolution = resolve_keys(same_id, {Subject.trait("x"): "ltv"})
+    assert resolution.keys == {Subject.audience("x"): "big_spenders", Subject.trait("x"): "ltv"}
+    assert resolution.problems == []
+
+
+def test_a_trait_cannot_take_a_key_locked_by_an_audience() -> None:
+    trait = AudienceIdentity(Subject.trait("t1"), "VIP", None)
+    resolution = resolve_keys([trait], audiences_of({"gone": "vip"}))
+    assert resolution.keys == {}
+    assert resolution.problems[0].reason == "key 'vip' already belongs to audience 'gone'"

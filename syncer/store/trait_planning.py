@@ -1,0 +1,249 @@
+"""Planning one (URL, computed trait): the diff of JSON values, in set-based SQL, in one
+transaction.
+
+The rules are :func:`syncer.core.diff.plan_user`'s, with a user's current value for
+``current`` and ``null`` for ``absent_value``: a user whose row holds a value (anything but SQL
+NULL or JSON null) is sent it when the URL does not certainly hold an equal one, and a user the
+URL may believe has a value, whose row is gone or null, is sent ``null``. "Equal" is JSON
+equality (:mod:`syncer.core.jsonvalues`: PostgreSQL's jsonb equality, the same on SQLite), and
+the value sent is the text upstream stored, taken into the outbox by the database itself. The
+mass-exit guard counts the nulls of values the URL holds, as it counts an audience's exits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    DateTime,
+    Integer,
+    Text,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from syncer.core.diff import NULL_VALUE
+from syncer.core.guard import GuardLimits, guard_verdict
+from syncer.core.states import ChangeStatus
+from syncer.store.planning import (
+    Held,
+    Pair,
+    PlanOutcome,
+    PlanResult,
+    finish_plan,
+    insert_changes,
+    mark_dropped_as_doubtful,
+    start_plan,
+)
+from syncer.store.schema import OUTBOX_MAYBE_PROCESSED, computed_trait_values, outbox, state
+from syncer.store.sql import json_same, json_text, row_problem
+
+_v = computed_trait_values
+NOT_JSON = "value is not JSON"
+
+
+def trait_value_problem(connection: Connection, user_id: Any, value: Any) -> ColumnElement[Any]:
+    """Why a trait row cannot be sent, or NULL: its user_id breaks the rules every row keeps
+    (:func:`syncer.core.payload.user_input_problem`), or its value is not JSON (only SQLite can
+    hold such a value: PostgreSQL's json type refuses it)."""
+    nothing = literal(None, Text)
+    user_problem = row_problem(connection, user_id, nothing, nothing)
+    if connection.dialect.name != "sqlite":
+        return user_problem
+    return func.coalesce(
+        user_problem, case((func.syncer_json_key(value).is_(None), literal(NOT_JSON)))
+    )
+
+
+def _holds_a_value(value: Any) -> ColumnElement[bool]:
+    # SQL NULL and JSON null are no value; text that is not JSON is one (an invalid one).
+    return and_(
+        value.is_not(None), not_(func.coalesce(json_same(value, literal(NULL_VALUE)), false()))
+    )
+
+
+def _told_a_value() -> ColumnElement[bool]:
+    # What the syncer recorded is what it sent: a value, or exactly "null".
+    return and_(state.c.value.is_not(None), state.c.value != NULL_VALUE)
+
+
+class _Trait:
+    """The SQL predicates of one (URL, trait) plan, about one user at a time."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair = pair
+        self.value = json_text(_v.c.value)
+        self.problem = trait_value_problem(pair.connection, _v.c.user_id, _v.c.value)
+
+    def row(self, user: Any) -> ColumnElement[bool]:
+        return and_(_v.c.trait_id == self.pair.audience_id, _v.c.user_id == user)
+
+    def has_value(self, user: Any) -> ColumnElement[bool]:
+        """The user's row holds a value, sendable or not."""
+        return exists().where(self.row(user), _holds_a_value(self.value))
+
+    def has_invalid_value(self, user: Any) -> ColumnElement[bool]:
+        return exists().where(self.row(user), _holds_a_value(self.value), self.problem.is_not(None))
+
+    def holds(self, user: Any, value: Any) -> ColumnElement[bool]:
+        """The user's row holds a sendable value equal to ``value``."""
+        return exists().where(
+            self.row(user),
+            _holds_a_value(self.value),
+            self.problem.is_(None),
+            func.coalesce(json_same(self.value, value), false()),
+        )
+
+    def certainly_told(self, user: Any, value: Any) -> ColumnElement[bool]:
+        """The URL certainly holds a value equal to ``value`` for the user."""
+        return exists().where(
+            self.pair.state_rows(),
+            state.c.user_id == user,
+            state.c.unsure == false(),
+            func.coalesce(json_same(state.c.value, value), false()),
+        )
+
+    def may_hold_a_value(self, user: Any) -> ColumnElement[bool]:
+        return exists().where(
+            self.pair.state_rows(),
+            state.c.user_id == user,
+            or_(_told_a_value(), state.c.unsure == true()),
+        )
+
+
+def _change(pair: Pair, user: Any, value: Any, forced: bool, now: datetime) -> list[Any]:
+    # The outbox's columns in planning's order; a trait's change names the user by id alone.
+    return [
+        literal(pair.destination_id, Integer),
+        literal(pair.audience_id, Text),
+        user,
+        value,
+        literal(None, Text),
+        literal(None, Text),
+        literal(forced, Boolean),
+        literal(False, Boolean),
+        literal(now, DateTime),
+        literal(ChangeStatus.PENDING.value, Text),
+        literal(0, Integer),
+        literal(0, Integer),
+        literal(pair.call.value, Text),
+        literal(pair.kind.value, Text),
+    ]
+
+
+def plan_trait_in(
+    pair: Pair, *, full: bool, now: datetime, limits: GuardLimits, retry_rejected: bool = True
+) -> PlanResult:
+    """Plan one (URL, trait) inside the plan's transaction; raise :class:`Held` when the guard
+    holds it."""
+    connection = pair.connection
+    now, held, approved = start_plan(pair, now, retry_rejected)
+    trait = _Trait(pair)
+    o = outbox.c
+    is_full = literal(full, Boolean)
+    kept = and_(
+        not_(pair.suppressed(o.user_id)),
+        or_(
+            # A row that cannot be sent is left exactly as it is.
+            trait.has_invalid_value(o.user_id),
+            and_(
+                o.value != NULL_VALUE,
+                trait.holds(o.user_id, o.value),
+                or_(
+                    OUTBOX_MAYBE_PROCESSED,
+                    o.forced,
+                    is_full,
+                    not_(trait.certainly_told(o.user_id, o.value)),
+                ),
+            ),
+            and_(
+                o.value == NULL_VALUE,
+                not_(trait.has_value(o.user_id)),
+                or_(OUTBOX_MAYBE_PROCESSED, trait.may_hold_a_value(o.user_id)),
+            ),
+        ),
+    )
+    mark_dropped_as_doubtful(pair, not_(kept))
+    if full:
+        connection.execute(
+            update(outbox).where(pair.outbox(), o.value != NULL_VALUE).values(forced=True)
+        )
+
+    present = and_(
+        _v.c.trait_id == pair.audience_id,
+        _holds_a_value(trait.value),
+        not_(pair.suppressed(_v.c.user_id)),
+    )
+    candidates = and_(
+        present,
+        not_(pair.queued(_v.c.user_id)),
+        or_(is_full, not_(trait.certainly_told(_v.c.user_id, trait.value))),
+    )
+    new_values = insert_changes(
+        connection,
+        select(*_change(pair, _v.c.user_id, trait.value, full, now)).where(
+            candidates, trait.problem.is_(None)
+        ),
+    )
+    invalid = int(
+        connection.execute(
+            select(func.count()).where(present, trait.problem.is_not(None))
+        ).scalar_one()
+    )
+    example = None
+    if invalid:
+        first = connection.execute(
+            select(_v.c.user_id, trait.problem)
+            .where(present, trait.problem.is_not(None))
+            .order_by(_v.c.user_id)
+            .limit(1)
+        ).one()
+        example = f"{first[0]!r}: {first[1]}"
+
+    s = state.c
+    gone = and_(
+        pair.state_rows(),
+        not_(trait.has_value(s.user_id)),
+        not_(pair.queued(s.user_id)),
+        not_(pair.suppressed(s.user_id)),
+    )
+    nulls = _change(pair, s.user_id, literal(NULL_VALUE, Text), False, now)
+    new_nulls = insert_changes(connection, select(*nulls).where(_told_a_value(), gone))
+    told = int(
+        connection.execute(
+            select(func.count()).where(pair.state_rows(), _told_a_value())
+        ).scalar_one()
+    )
+    verdict = guard_verdict(told=told, new_exits=new_nulls, limits=limits)
+    if verdict.hold and not approved:
+        raise Held(verdict.reason)
+    # Users the URL may have been told a value without ever accepting one: tell them null.
+    new_nulls += insert_changes(
+        connection,
+        select(*nulls).where(s.unsure == true(), not_(_told_a_value()), gone),
+    )
+
+    queued = finish_plan(pair, now, held)
+    return PlanResult(
+        PlanOutcome.PLANNED,
+        new_entered=new_values,
+        new_exited=new_nulls,
+        queued_entries=sum(n for value, n in queued.items() if value != NULL_VALUE),
+        queued_exits=int(queued.get(NULL_VALUE, 0)),
+        invalid=invalid,
+        invalid_example=example,
+        approved=approved and verdict.hold,
+    )
