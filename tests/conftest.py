@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,19 @@ import pytest
 import structlog
 from hypothesis import settings
 from sqlalchemy import create_engine, delete, insert, select, text, update
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from syncer.core.states import Kind
 from syncer.settings import Settings, settings_from_mapping
 from syncer.store import Store
 from syncer.store.database import create_database_engine, migrate
-from syncer.store.schema import audience_memberships, audiences, state
+from syncer.store.schema import (
+    audience_memberships,
+    audiences,
+    computed_trait_values,
+    computed_traits,
+    state,
+)
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 from syncer.testing.tray_standin import TrayStandin
 
@@ -280,6 +287,43 @@ class Upstream:
                     [{"audience_id": audience_id, "user_id": u} for u in sorted(user_ids)],
                 )
 
+    def add_trait(
+        self, trait_id: str, name: str, key: str | None = None, enabled: bool = True
+    ) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(computed_traits).values(id=trait_id, name=name, key=key, enabled=enabled)
+            )
+
+    def set_values(self, trait_id: str, values: Mapping[str, str | None]) -> None:
+        """Write each user's value as JSON text exactly as given (None: SQL NULL), replacing
+        what the user had."""
+        json_value = (
+            "CAST(:value AS json)" if self.engine.dialect.name == "postgresql" else ":value"
+        )
+        with self.engine.begin() as connection:
+            self._delete_values(connection, trait_id, list(values))
+            connection.execute(
+                text(
+                    "INSERT INTO computed_trait_values (trait_id, user_id, value) "
+                    f"VALUES (:trait_id, :user_id, {json_value})"
+                ),
+                [{"trait_id": trait_id, "user_id": u, "value": v} for u, v in values.items()],
+            )
+
+    def remove_values(self, trait_id: str, *user_ids: str) -> None:
+        with self.engine.begin() as connection:
+            self._delete_values(connection, trait_id, list(user_ids))
+
+    @staticmethod
+    def _delete_values(connection: Connection, trait_id: str, user_ids: list[str]) -> None:
+        connection.execute(
+            delete(computed_trait_values).where(
+                computed_trait_values.c.trait_id == trait_id,
+                computed_trait_values.c.user_id.in_(user_ids),
+            )
+        )
+
 
 @pytest.fixture
 def upstream(store: Store) -> Upstream:
@@ -287,14 +331,17 @@ def upstream(store: Store) -> Upstream:
     return Upstream(store)
 
 
-def told_values(store: Store, url: str, audience_id: str) -> dict[str, str]:
-    """User -> the value ``url`` last accepted for one audience (small audiences only)."""
+def told_values(
+    store: Store, url: str, audience_id: str, kind: Kind = Kind.AUDIENCE
+) -> dict[str, str]:
+    """User -> the value ``url`` last accepted for one audience or trait (small ones only)."""
     destination_id = store.destinations.find([url])[url]
     with store.engine.connect() as connection:
         rows = connection.execute(
             select(state.c.user_id, state.c.value).where(
                 state.c.destination_id == destination_id,
                 state.c.audience_id == audience_id,
+                state.c.kind == kind.value,
                 state.c.value.is_not(None),
             )
         )

@@ -26,8 +26,12 @@ class GuardVerdict:
     reason: str = ""
 
 
-def guard_verdict(*, told: int, new_exits: int, limits: GuardLimits) -> GuardVerdict:
-    """Decide for one (URL, audience) from the members the URL was told of and the new exits.
+def guard_verdict(
+    *, told: int, new_exits: int, limits: GuardLimits, of_trait: bool = False
+) -> GuardVerdict:
+    """Decide for one (URL, audience) from the members the URL was told of and the new exits;
+    or, ``of_trait``, for one (URL, computed trait) from the values the URL was told and the
+    new nulls.
 
     The guard applies once the URL knows of at least ``min_audience_size`` members (and at least
     one), and holds when the exits are strictly more than ``max_exit_share`` of them: exactly
@@ -37,10 +41,11 @@ def guard_verdict(*, told: int, new_exits: int, limits: GuardLimits) -> GuardVer
         return GuardVerdict(hold=False)
     if new_exits <= limits.max_exit_share * told:
         return GuardVerdict(hold=False)
+    told_of, leave = ("values", "become null") if of_trait else ("members", "exit")
     return GuardVerdict(
         hold=True,
         reason=(
-            f"{new_exits} of the {told} members the URL was told of would exit "
+            f"{new_exits} of the {told} {told_of} the URL was told of would {leave} "
             f"(over {limits.max_exit_share:.0%})"
         ),
     )

@@ -72,7 +72,8 @@ def user_input_problem(user_id: str, anonymous_id: str | None, email: str | None
 
 @dataclass(frozen=True)
 class Computation:
-    """The Engage computation a trait comes from: an audience (later, a computed trait)."""
+    """The Engage computation a trait comes from: an audience or a computed trait
+    (``computation_class`` "audience" or "trait")."""
 
     computation_class: str
     computation_id: str
@@ -88,12 +89,10 @@ class TraitChange:
     user_id: str
     anonymous_id: str | None
     email: str | None
-    value: str  # canonical JSON text
+    # JSON text: an audience's "true" or "false"; a computed trait's value exactly as upstream
+    # stored it (the planner queues only JSON), or "null" once it is gone.
+    value: str
     created_at: datetime
-
-
-# Trait values whose canonical JSON text is sent as it is stored.
-_LITERALS = frozenset({"true", "false", "null"})
 
 
 def _encode_text(message: Any) -> str:
@@ -132,11 +131,14 @@ def identify_body(computation: Computation, change: TraitChange, namespace: uuid
 
     Assembled from pre-encoded parts (the context is the same for every change of a
     computation): the same bytes as :func:`identify_message` encoded, which the tests hold it
-    to, at a fraction of the cost on the delivery hot path.
+    to, at a fraction of the cost on the delivery hot path; but where the message's value was
+    parsed, the body carries the value's text as stored.
     """
     if computation.computation_key == "email":  # the trait and the email share one key
         return _encode(identify_message(computation, change, namespace))
-    value = change.value if change.value in _LITERALS else _encode_text(json.loads(change.value))
+    # The value goes out as the text it was stored as: 0.1 stays 0.1, 12345678901234567 exact,
+    # nesting and key order kept.
+    value = change.value
     parts = ['{"type":"identify","userId":', _string(change.user_id)]
     if change.anonymous_id:
         parts += [',"anonymousId":', _string(change.anonymous_id)]
@@ -234,7 +236,7 @@ def track_body(
     key = computation.computation_key
     if key == key_property:  # the key and the property naming it share one name
         return _encode(track_message(computation, change, namespace, message_kind))
-    value = change.value if change.value in _LITERALS else _encode_text(json.loads(change.value))
+    value = change.value  # as stored, as in identify_body
     parts = ['{"type":"track","event":', _string(event), ',"userId":', _string(change.user_id)]
     if change.anonymous_id:
         parts += [',"anonymousId":', _string(change.anonymous_id)]

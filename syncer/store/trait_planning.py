@@ -227,7 +227,7 @@ def plan_trait_in(
             select(func.count()).where(pair.state_rows(), _told_a_value())
         ).scalar_one()
     )
-    verdict = guard_verdict(told=told, new_exits=new_nulls, limits=limits)
+    verdict = guard_verdict(told=told, new_exits=new_nulls, limits=limits, of_trait=True)
     if verdict.hold and not approved:
         raise Held(verdict.reason)
     # Users the URL may have been told a value without ever accepting one: tell them null.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -380,6 +382,11 @@ _json_values = st.recursive(
 )
 
 
+def _compact(value: object) -> str:
+    """A value's JSON text as the reference encoder writes it (compact, UTF-8)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 @given(
     key=st.sampled_from(["order_completed_last_30days", "email", "ünïcode_key", 'q"uote']),
     user_id=_texts,
@@ -399,7 +406,7 @@ def test_identify_body_is_the_message_encoded(
     moment: datetime,
 ) -> None:
     computation = Computation("audience", "aud_1", key, "spa_x")
-    change = TraitChange(change_id, user_id, anonymous_id, email, json.dumps(value), moment)
+    change = TraitChange(change_id, user_id, anonymous_id, email, _compact(value), moment)
     namespace = uuid.UUID(int=change_id % 2**128)
     expected = json.dumps(
         identify_message(computation, change, namespace), ensure_ascii=False, separators=(",", ":")
@@ -447,8 +454,45 @@ def test_track_body_is_the_message_encoded(
     moment: datetime,
 ) -> None:
     computation = Computation(computation_class, "c_1", key, "spa_x")
-    change = TraitChange(change_id, user_id, anonymous_id, email, json.dumps(value), moment)
+    change = TraitChange(change_id, user_id, anonymous_id, email, _compact(value), moment)
     namespace = uuid.UUID(int=change_id % 2**128)
     message = track_message(computation, change, namespace, message_kind)
     expected = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     assert track_body(computation, change, namespace, message_kind) == expected
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "0.1",
+        "12345678901234567",
+        "450.00",
+        "1e400",  # beyond a float: still sent as written
+        "-0",
+        '{"b": 1, "a": [1.50, {"z": null, "y": "\\u00e9"}]}',  # key order and spacing kept
+        r'"caf\u00e9 \ud83d\ude00"',  # escapes stay escapes
+        " [ 1 ,\n 2 ] ",
+    ],
+)
+@pytest.mark.parametrize("build", [identify_body, track_body])
+def test_a_trait_value_is_sent_exactly_as_stored(stored: str, build: Any) -> None:
+    computation = Computation("trait", "t_1", "lifetime_value", "spa_x")
+    change = TraitChange(7, "u1", None, None, stored, datetime(2026, 11, 30))
+    body = build(computation, change, NAMESPACE).decode("utf-8")
+    assert f'"lifetime_value":{stored}' in body
+    # The body is JSON, and its value is the stored one, digit for digit.
+    decoded = json.loads(body, parse_float=Decimal, parse_int=Decimal)
+    container = decoded["traits"] if build is identify_body else decoded["properties"]
+    expected = json.loads(stored, parse_float=Decimal, parse_int=Decimal)
+    assert container["lifetime_value"] == expected
+
+
+@given(value=_json_values, spacing=st.sampled_from([None, 1, "\t"]))
+def test_a_trait_value_in_any_spelling_is_sent_as_written(value: object, spacing: Any) -> None:
+    stored = json.dumps(value, indent=spacing, ensure_ascii=spacing is None)
+    computation = Computation("trait", "t_1", "ltv", "spa_x")
+    change = TraitChange(7, "u1", "anon", "a@example.com", stored, datetime(2026, 11, 30))
+    message = identify_message(computation, change, NAMESPACE)
+    body = identify_body(computation, change, NAMESPACE)
+    assert f'"ltv":{stored}'.encode() in body
+    assert json.loads(body) == message
