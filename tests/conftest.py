@@ -295,6 +295,14 @@ class Upstream:
                 insert(computed_traits).values(id=trait_id, name=name, key=key, enabled=enabled)
             )
 
+    def disable_trait(self, trait_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(computed_traits)
+                .where(computed_traits.c.id == trait_id)
+                .values(enabled=False)
+            )
+
     def set_values(self, trait_id: str, values: Mapping[str, str | None]) -> None:
         """Write each user's value as JSON text exactly as given (None: SQL NULL), replacing
         what the user had."""
@@ -303,6 +311,8 @@ class Upstream:
         )
         with self.engine.begin() as connection:
             self._delete_values(connection, trait_id, list(values))
+            if not values:
+                return
             connection.execute(
                 text(
                     "INSERT INTO computed_trait_values (trait_id, user_id, value) "
