@@ -144,6 +144,42 @@ def _change(pair: Pair, user: Any, value: Any, forced: bool, now: datetime) -> l
     ]
 
 
+# Users whose stale forced change is replaced per statement: bounded, whatever the backlog.
+_REPLACED_PER_ROUND = 1000
+
+
+def _replace_stale_forced(
+    pair: Pair, trait: _Trait, kept: ColumnElement[bool], now: datetime
+) -> int:
+    """Replace each forced change (queued by ``sync --full``) whose value is no longer the
+    user's with a forced change of the current value: the URL is owed the current value even if
+    it certainly holds it, as a full sync promised. Return how many were queued."""
+    connection, o = pair.connection, outbox.c
+    stale = (
+        select(o.user_id)
+        .where(
+            pair.outbox(),
+            o.forced,
+            not_(kept),
+            not_(pair.suppressed(o.user_id)),
+            exists().where(
+                trait.row(o.user_id), _holds_a_value(trait.value), trait.problem.is_(None)
+            ),
+        )
+        .limit(_REPLACED_PER_ROUND)
+    )
+    queued = 0
+    while users := list(connection.execute(stale).scalars()):
+        mark_dropped_as_doubtful(pair, o.user_id.in_(users))
+        queued += insert_changes(
+            connection,
+            select(*_change(pair, _v.c.user_id, trait.value, True, now)).where(
+                _v.c.trait_id == pair.audience_id, _v.c.user_id.in_(users)
+            ),
+        )
+    return queued
+
+
 def plan_trait_in(
     pair: Pair, *, full: bool, now: datetime, limits: GuardLimits, retry_rejected: bool = True
 ) -> PlanResult:
@@ -176,6 +212,7 @@ def plan_trait_in(
             ),
         ),
     )
+    new_values = _replace_stale_forced(pair, trait, kept, now)
     mark_dropped_as_doubtful(pair, not_(kept))
     if full:
         connection.execute(
@@ -192,7 +229,7 @@ def plan_trait_in(
         not_(pair.queued(_v.c.user_id)),
         or_(is_full, not_(trait.certainly_told(_v.c.user_id, trait.value))),
     )
-    new_values = insert_changes(
+    new_values += insert_changes(
         connection,
         select(*_change(pair, _v.c.user_id, trait.value, full, now)).where(
             candidates, trait.problem.is_(None)
