@@ -92,7 +92,7 @@ class App:
 @click.version_option(package_name="engage-audience-syncer")
 @click.pass_context
 def main(ctx: click.Context, settings_path: Path | None) -> None:
-    """Sync Engage audience memberships to Tray.io workflows."""
+    """Sync Engage audience memberships and computed traits to Tray.io workflows."""
     configure_logging()
     app = App(resolve_settings_path(str(settings_path) if settings_path else None))
     ctx.obj = app
@@ -134,21 +134,21 @@ class _BarProgress:
 def _print_summary(report: SyncReport) -> None:
     counts = report.counts
     click.echo(
-        f"run {report.run_id}: {counts.audiences} audience(s) x "
+        f"run {report.run_id}: {counts.audiences} audience(s) and trait(s) x "
         f"{len({p.url for p in report.pairs})} URL(s): {counts.entered} entered, "
         f"{counts.exited} exited, {counts.delivered} delivered, {counts.pending} pending, "
         f"{counts.rejected} rejected, {counts.parked} parked in {report.duration_seconds:.2f}s"
     )
     for problem in report.problems:
-        click.echo(f"  skipped audience {problem.audience_id}: {problem.reason}")
+        click.echo(f"  skipped {problem.subject}: {problem.reason}")
     for pair in report.pairs:
         if pair.state is PairState.HELD:
             click.echo(f"  HELD {pair.url} {pair.key}: {pair.note}")
             continue
         if pair.invalid:
             click.echo(
-                f"  {pair.url} {pair.key}: {pair.invalid} member row(s) cannot be sent and were "
-                f"not queued (e.g. {pair.invalid_example}); fix them upstream"
+                f"  {pair.url} {pair.key}: {pair.invalid} {_rows(pair.kind)} cannot be sent and "
+                f"were not queued (e.g. {pair.invalid_example}); fix them upstream"
             )
         if pair.parked:
             click.echo(
@@ -174,21 +174,26 @@ def _print_summary(report: SyncReport) -> None:
 
 
 @main.command(name="sync")
-@click.option("--audience", default=None, help="Sync only this audience (id or key).")
+@click.option(
+    "--audience", default=None, help="Sync only this audience or computed trait (id or key)."
+)
 @click.option(
     "--url",
     default=None,
     help="Sync only this configured workflow URL (with --full: re-send it the current state).",
 )
 @click.option(
-    "--full", is_flag=True, help="Re-send every current member, whatever was sent before."
+    "--full",
+    is_flag=True,
+    help="Re-send every current member and trait value, whatever was sent before.",
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be sent, per URL; change nothing.")
 @click.pass_obj
 def sync_command(
     app: App, audience: str | None, url: str | None, full: bool, dry_run: bool
 ) -> None:
-    """Run one sync over all enabled audiences (or one), to every configured URL (or one)."""
+    """Run one sync over all enabled audiences and computed traits (or one), to every
+    configured URL (or one)."""
     from syncer.sync import SyncEngine, SyncOptions
 
     settings = app.settings
@@ -236,20 +241,28 @@ def _dry_run(engine: SyncEngine, options: SyncOptions) -> None:
 
     report = engine.run(options, emit=emit)
     for problem in report.problems:
-        click.echo(f"skipped audience {problem.audience_id}: {problem.reason}")
+        click.echo(f"skipped {problem.subject}: {problem.reason}")
     for pair in report.pairs:
         if pair.state is PairState.HELD:
             click.echo(f"would HOLD {pair.url} {pair.key}: {pair.note}")
         if pair.invalid:
             click.echo(
-                f"{pair.url} {pair.key}: {pair.invalid} member row(s) cannot be sent "
+                f"{pair.url} {pair.key}: {pair.invalid} {_rows(pair.kind)} cannot be sent "
                 f"(e.g. {pair.invalid_example})"
             )
     for url in options.urls(engine.settings.tray.urls):
+        entered, exited = totals.pop((url, "true"), 0), totals.pop((url, "false"), 0)
+        nulls = totals.pop((url, "null"), 0)
+        values = sum(n for (where, _), n in totals.items() if where == url)
+        traits = f", {values} trait value(s), {nulls} null(s)" if values or nulls else ""
         click.echo(
-            f"dry run: {url}: {totals.get((url, 'true'), 0)} entered, "
-            f"{totals.get((url, 'false'), 0)} exited; nothing was sent or changed"
+            f"dry run: {url}: {entered} entered, {exited} exited{traits}; "
+            "nothing was sent or changed"
         )
+
+
+def _rows(kind: Kind) -> str:
+    return "member row(s)" if kind is Kind.AUDIENCE else "trait value row(s)"
 
 
 @main.command(name="delete-user")
@@ -281,7 +294,9 @@ def delete_user_command(app: App, user_ids: tuple[str, ...]) -> None:
 
 @main.command(name="retry")
 @click.option("--url", default=None, help="Only changes for this workflow URL.")
-@click.option("--audience", default=None, help="Only changes of this audience (id or key).")
+@click.option(
+    "--audience", default=None, help="Only changes of this audience or trait (id or key)."
+)
 @click.pass_obj
 def retry_command(app: App, url: str | None, audience: str | None) -> None:
     """Put rejected and parked changes back in line for the next run."""
@@ -317,6 +332,7 @@ def _known_url(app: App, url: str) -> str:
 @click.pass_obj
 def approve_command(app: App, audience: str, url: str | None) -> None:
     """Release an AUDIENCE (id or key) held by the mass-exit guard: its exits go out next run.
+    AUDIENCE may also name a computed trait held for the nulls it would send.
 
     The guard holds an audience per URL; this releases it for every URL that holds it, or
     with --url for that one.

@@ -89,7 +89,7 @@ class WorkflowSettings(_Section):
 
     url: str
     # Which call tells it about a change; a change keeps the call it was planned with, so a
-    # new value here applies to changes planned from then on. ("both" is not built yet.)
+    # new value here applies to changes planned from then on.
     send: Call = Call.IDENTIFY
     audiences: list[Annotated[str, Field(min_length=1)]] | None = None
     traits: list[Annotated[str, Field(min_length=1)]] | None = None

@@ -1,4 +1,5 @@
-"""Computed traits: their input tables, and the kind of every pair the syncer keeps.
+"""Computed traits: their input tables, and the kind of every pair the syncer keeps; and the
+calls of a change sent both ways.
 
 Upstream jobs write `computed_traits` and `computed_trait_values` (created here when missing,
 as the audience tables were by 0001). The syncer's tables keep, beside each audience id, its
@@ -6,7 +7,8 @@ as the audience tables were by 0001). The syncer's tables keep, beside each audi
 from before this migration are audiences'. On PostgreSQL `syncer_exchange` takes the kind of
 the pair it claims for, returns it with each recorded change, and checks a trait's change
 against the trait's current value (by jsonb equality) where an audience's is checked against
-membership.
+membership. A change a URL is sent both ways (identify and track) records the call the URL has
+accepted (`done_call`) until it has accepted both; `syncer_exchange` returns it.
 
 Revision ID: 0009
 Revises: 0008
@@ -51,6 +53,24 @@ def _exchange_of_0008() -> str:
 # Kept in step with syncer/store/outbox.py (_CLAIMABLE, _ACCEPT_MINE, _UPSERT_TOLD_POSTGRESQL,
 # _HOLD): 0008's text and this one's.
 _CHANGES = [
+    (
+        "value text, anonymous_id text, email text, created_at timestamp, call text)",
+        "value text, anonymous_id text, email text, created_at timestamp, call text,\n"
+        "               done_call text)",
+    ),
+    (
+        "        NULL::text, NULL::text, NULL::timestamp, NULL::text;",
+        "        NULL::text, NULL::text, NULL::timestamp, NULL::text, NULL::text;",
+    ),
+    (
+        "o.anonymous_id, o.email, o.created_at, o.call\n",
+        "o.anonymous_id, o.email, o.created_at, o.call,\n"
+        "                  o.done_call\n",
+    ),
+    (
+        "           c.created_at, c.call\n    FROM claimed c",
+        "           c.created_at, c.call, c.done_call\n    FROM claimed c",
+    ),
     (
         "    p_destination_id integer, p_audience_id text, p_claim_token text,",
         "    p_destination_id integer, p_audience_id text, p_kind text, p_claim_token text,",
@@ -184,6 +204,7 @@ def upgrade() -> None:
     _state_indexes(dialect, ["destination_id", "audience_id", _KIND, "user_id"])
     with op.batch_alter_table("syncer_outbox") as batch:
         batch.add_column(_kind_column())
+        batch.add_column(sa.Column("done_call", sa.Text, nullable=True))
     op.drop_index("uq_syncer_outbox_change", table_name="syncer_outbox")
     op.create_index(
         "uq_syncer_outbox_change",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+
+from syncer.core.states import Call
 
 # 408, 423 and 429 say "not now"; every 5xx says the server failed.
 _RETRYABLE_4XX = frozenset({408, 423, 429})
@@ -90,3 +93,31 @@ class Outcome:
     status: int | None = None
     detail: str = ""
     attempts: int = 0
+
+
+# Of a change sent both ways whose calls both failed, the outcome recorded: a rejection counts
+# (the change may never be accepted), then an attempt (it may have been processed), then a
+# refusal, then nothing sent.
+_FAILURE_PRECEDENCE = (
+    OutcomeKind.REJECTED,
+    OutcomeKind.RETRYABLE,
+    OutcomeKind.REFUSED,
+    OutcomeKind.NOT_SENT,
+)
+
+
+def settle_calls(outcomes: Sequence[tuple[Call, Outcome]]) -> tuple[Outcome, Call | None]:
+    """One change's outcome from those of its calls (a change sent both ways makes two), and
+    the call the URL accepted if only one was.
+
+    Delivered when every call was. Otherwise the most telling failure, with the attempts of
+    all the calls; the accepted call, if any, is not sent again.
+    """
+    delivered = [call for call, outcome in outcomes if outcome.kind is OutcomeKind.DELIVERED]
+    failed = [outcome for _, outcome in outcomes if outcome.kind is not OutcomeKind.DELIVERED]
+    if not failed:
+        return outcomes[0][1], None
+    worst = min(failed, key=lambda outcome: _FAILURE_PRECEDENCE.index(outcome.kind))
+    attempts = sum(outcome.attempts for _, outcome in outcomes)
+    accepted = delivered[0] if delivered else None
+    return Outcome(worst.kind, worst.status, worst.detail, attempts), accepted

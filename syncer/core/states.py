@@ -30,6 +30,12 @@ class Call(enum.StrEnum):
 
     IDENTIFY = "identify"  # the key as a trait of the user
     TRACK = "track"  # "Audience Entered" / "Audience Exited" (or "Trait Computed") events
+    BOTH = "both"  # an identify and a track call, each delivered and retried on its own
+
+    def owed(self, done: Call | None = None) -> tuple[Call, ...]:
+        """The calls a change with this ``send`` is told by, but ``done`` (accepted already)."""
+        calls = (Call.IDENTIFY, Call.TRACK) if self is Call.BOTH else (self,)
+        return tuple(call for call in calls if call is not done)
 
 
 class RunStatus(enum.StrEnum):

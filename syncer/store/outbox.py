@@ -64,10 +64,18 @@ class QueuedChange:
     email: str | None
     created_at: datetime
     call: Call = Call.IDENTIFY
+    done_call: Call | None = None  # of a change sent both ways: the call accepted already
 
     def __post_init__(self) -> None:
-        # Rows give the call as text.
+        # Rows give the calls as text.
         object.__setattr__(self, "call", Call(self.call))
+        if self.done_call is not None:
+            object.__setattr__(self, "done_call", Call(self.done_call))
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        """The calls still owed for this change: one, or two for a change sent both ways."""
+        return self.call.owed(self.done_call)
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,9 @@ _CLAIM = (
     .where(_o.id.in_(_ids))
     # A run-out claim being taken over may have been sent by its dead claimer.
     .values(attempted=or_(_o.attempted, _o.claim_token.is_not(None)), **CLAIM_SET)
-    .returning(_o.id, _o.user_id, _o.value, _o.anonymous_id, _o.email, _o.created_at, _o.call)
+    .returning(
+        _o.id, _o.user_id, _o.value, _o.anonymous_id, _o.email, _o.created_at, _o.call, _o.done_call
+    )
 )
 _ACCEPT = (
     delete(outbox)
@@ -243,6 +253,7 @@ class OutboxStore:
         rate_per_second: float = 0.0,
         clear_refusal: bool = True,
         kind: Kind = Kind.AUDIENCE,
+        half_done: Sequence[tuple[int, Call]] = (),
     ) -> Exchanged:
         """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
         transaction: the send of each claimed change is decided here, against the state of now.
@@ -254,10 +265,13 @@ class OutboxStore:
         With ``rate_per_second``, the claimed changes take that many slots of the URL's schedule.
         ``clear_refusal``: a delivery clears a refusal recorded for the URL (a worker asks once
         per run, on its first delivery, to save the statement on every exchange).
+        ``half_done``: changes sent both ways of which the URL accepted one call (given with
+        the outcome of the other in ``results``): that call is not sent again.
         """
         if (
             self.engine.dialect.name == "postgresql"
             and rate_per_second <= 0
+            and not half_done
             and all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results)
         ):
             return self._exchange_in_database(
@@ -270,6 +284,17 @@ class OutboxStore:
                 clear_refusal,
             )
         with writing(self.engine) as connection:
+            if half_done:
+                # Before the outcomes, which release the claim this is fenced by.
+                connection.execute(
+                    update(outbox)
+                    .where(_o.id == bindparam("change_id"), _o.claim_token == bindparam("token"))
+                    .values(done_call=bindparam("done")),
+                    [
+                        {"change_id": i, "token": claim.token, "done": call.value}
+                        for i, call in half_done
+                    ],
+                )
             lost = self._record(connection, claim, destination_id, results, now, max_rejections)
             if clear_refusal and any(o.kind is OutcomeKind.DELIVERED for _, o in results):
                 connection.execute(_CLEAR_REFUSAL, {"destination_id": destination_id})
@@ -286,7 +311,8 @@ class OutboxStore:
             )
             slots = None
             if claimed and rate_per_second > 0:
-                slots = reserve_slots(connection, destination_id, len(claimed), rate_per_second)
+                requests = sum(len(change.calls) for change in claimed)
+                slots = reserve_slots(connection, destination_id, requests, rate_per_second)
             return Exchanged(claimed, lost, slots=slots)
 
     def _exchange_in_database(

@@ -184,6 +184,8 @@ outbox = Table(
     # The call that tells the URL (syncer.core.states.Call), fixed when the change is planned.
     Column("call", Text, nullable=False, server_default="identify"),
     Column("kind", Text, nullable=False, server_default="audience"),
+    # Of a change sent both ways: the call the URL has accepted so far (NULL: neither yet).
+    Column("done_call", Text, nullable=True),
     UniqueConstraint(
         "destination_id", "audience_id", "kind", "user_id", name="uq_syncer_outbox_change"
     ),

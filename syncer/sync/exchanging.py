@@ -7,8 +7,10 @@ database thread of this process or in the store's helper process (:mod:`syncer.s
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from syncer.core.outcomes import Outcome
 from syncer.core.pacing import Slots
@@ -35,6 +37,14 @@ class ExchangeRequest:
     rate_per_second: float
     clear_refusal: bool
     secret: str | None = field(repr=False)  # what the bodies are signed with
+    half_done: list[tuple[int, Call]] = field(default_factory=list)
+
+
+class OwedCall(NamedTuple):
+    """One request to send: a claimed change and one of the calls it is told by."""
+
+    change: QueuedChange
+    call: Call
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class ExchangeReply:
     headers it goes with, and what the store said besides (see
     :class:`syncer.store.outbox.Exchanged`)."""
 
-    claimed: list[tuple[QueuedChange, bytes, dict[str, str]]]
+    claimed: list[tuple[OwedCall, bytes, dict[str, str]]]
     lost: int = 0
     held: bool = False
     slots: Slots | None = None
@@ -64,13 +74,25 @@ def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
         rate_per_second=request.rate_per_second,
         clear_refusal=request.clear_refusal,
         kind=Kind(computation.computation_class),
+        half_done=request.half_done,
     )
     claimed = []
     for change in exchanged.claimed:
-        build = track_body if change.call is Call.TRACK else identify_body
-        body = build(computation, trait_change(change), store.namespace)
-        claimed.append((change, body, signature_headers(body, request.secret)))
+        for call in change.calls:
+            body = call_body(computation, change, call, store.namespace)
+            claimed.append((OwedCall(change, call), body, signature_headers(body, request.secret)))
     return ExchangeReply(claimed, exchanged.lost, exchanged.held, exchanged.slots)
+
+
+def call_body(
+    computation: Computation, change: QueuedChange, call: Call, namespace: uuid.UUID
+) -> bytes:
+    """The body of one of a change's calls. A change's only call carries its messageId; the
+    track call of a change sent both ways has one of its own."""
+    if call is Call.IDENTIFY:
+        return identify_body(computation, trait_change(change), namespace)
+    message_kind = "track" if change.call is Call.BOTH else "change"
+    return track_body(computation, trait_change(change), namespace, message_kind)
 
 
 def trait_change(change: QueuedChange) -> TraitChange:

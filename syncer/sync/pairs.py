@@ -8,18 +8,17 @@ from functools import partial
 
 import structlog
 
-from syncer.core.outcomes import Outcome, OutcomeKind
+from syncer.core.outcomes import Outcome, OutcomeKind, settle_calls
 from syncer.core.payload import Computation
-from syncer.core.states import ChangeStatus, PairState
+from syncer.core.states import Call, ChangeStatus, PairState
 from syncer.core.traits import Subject
 from syncer.delivery.claims import Outgoing, paced
 from syncer.delivery.sender import UrlSender
-from syncer.store.outbox import QueuedChange
 from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.sql import utcnow
 from syncer.sync.claiming import send_under
 from syncer.sync.context import Progress, RunContext, holder_is_dead
-from syncer.sync.exchanging import ExchangeRequest
+from syncer.sync.exchanging import ExchangeRequest, OwedCall
 from syncer.sync.reports import PairReport
 
 log = structlog.get_logger("syncer.sync")
@@ -162,6 +161,38 @@ async def _wait_for_other_workers(
         await deliver()
 
 
+class CallSettler:
+    """Turns the answers to single calls into each change's outcome, once every call it owes
+    is answered: a change sent both ways makes two requests, which may be answered in different
+    exchanges, and its row must not be recorded on the first answer while the second is in
+    flight. Every claimed request is answered in the end (or cut off, or unsent), so nothing
+    waits here for ever; an answer handed in again (after a failed exchange) replaces itself.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, dict[Call, Outcome]] = {}
+
+    def settle(
+        self, answers: list[tuple[OwedCall, Outcome]]
+    ) -> tuple[list[tuple[int, Outcome]], list[tuple[int, Call]]]:
+        """The outcomes of the changes now fully answered, and those of which the URL accepted
+        one call of two (not to be sent again)."""
+        results: list[tuple[int, Outcome]] = []
+        half_done: list[tuple[int, Call]] = []
+        for owed, outcome in answers:
+            change_id = owed.change.change_id
+            calls = self._waiting.setdefault(change_id, {})
+            calls[owed.call] = outcome
+            if len(calls) < len(owed.change.calls):
+                continue
+            del self._waiting[change_id]
+            settled, accepted = settle_calls(list(calls.items()))
+            results.append((change_id, settled))
+            if accepted is not None:
+                half_done.append((change_id, accepted))
+        return results, half_done
+
+
 def _settle_state(report: PairReport, sender: UrlSender) -> None:
     if report.state is not PairState.DONE:
         return
@@ -196,19 +227,21 @@ async def _deliver(
     keeper = context.claim_keeper()
     claim = keeper.claim
     cursor = 0
+    settler = CallSettler()
 
     async def exchange(
-        results: list[tuple[QueuedChange, Outcome]], want: int
-    ) -> list[Outgoing[QueuedChange]]:
+        answers: list[tuple[OwedCall, Outcome]], want: int
+    ) -> list[Outgoing[OwedCall]]:
         nonlocal cursor
         if want:
             keeper.starting()
+        results, half_done = settler.settle(answers)
         exchanged = await context.exchange(
             ExchangeRequest(
                 claim,
                 destination_id,
                 computation,
-                results=[(change.change_id, outcome) for change, outcome in results],
+                results=results,
                 want=want,
                 after_id=cursor,
                 now=utcnow(),
@@ -216,6 +249,7 @@ async def _deliver(
                 rate_per_second=delivery.rate_limit_per_second,
                 clear_refusal=not sender.refusal_cleared,
                 secret=context.settings.tray.secret_for(sender.url),
+                half_done=half_done,
             )
         )
         if any(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):
@@ -231,7 +265,7 @@ async def _deliver(
         report.delivered += sum(1 for _, o in results if o.kind is OutcomeKind.DELIVERED)
         progress.advanced(sender.url, len(results))
         if exchanged.claimed:
-            cursor = exchanged.claimed[-1][0].change_id
+            cursor = exchanged.claimed[-1][0].change.change_id
         return paced(exchanged.claimed, exchanged.slots, asyncio.get_running_loop().time())
 
     await send_under(keeper, sender, exchange, concurrency=delivery.concurrency)

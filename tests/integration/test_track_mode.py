@@ -6,6 +6,7 @@ messageId), and sends new ones with the new call.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from syncer.core.states import Call
@@ -108,3 +109,69 @@ def test_changing_send_applies_to_new_changes_and_queued_ones_keep_their_bytes(
     assert run_sync(store, [as_track]).fully_delivered
     (exit_,) = messages(standin, "/wf")
     assert (exit_["userId"], exit_["type"], exit_["event"]) == ("u1", "track", "Audience Exited")
+
+
+def test_a_both_url_is_told_each_change_by_an_identify_and_a_track_call(
+    store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience(AUDIENCE, "VIP Customers")
+    upstream.add(AUDIENCE, "u1", anonymous_id="anon-1", email="u1@example.com")
+    upstream.add(AUDIENCE, "u2")
+    both = {"url": standin.url("/both"), "send": "both"}
+
+    report = run_sync(store, [both])
+
+    assert report.fully_delivered
+    [pair] = report.pairs
+    assert pair.delivered == 2  # changes, each told both ways
+    received = standin.received("/both")
+    assert all(r.signature_ok for r in received)
+    by_call = {(r.message["userId"], r.message["type"]): r.message for r in received}
+    assert set(by_call) == {(u, t) for u in ("u1", "u2") for t in ("identify", "track")}
+    identify, track = by_call["u1", "identify"], by_call["u1", "track"]
+    assert identify["traits"] == {KEY: True, "email": "u1@example.com"}
+    assert (track["event"], track["properties"]) == (
+        "Audience Entered",
+        {"audience_key": KEY, KEY: True},
+    )
+    # Each its own messageId: the identify the change's, the track one of its own kind.
+    assert identify["messageId"] != track["messageId"]
+    assert identify["timestamp"] == track["timestamp"]
+    assert len({r.message["messageId"] for r in received}) == 4
+
+
+def test_each_call_of_a_both_change_is_retried_on_its_own(
+    store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience(AUDIENCE, "VIP Customers")
+    upstream.add(AUDIENCE, "u1", "u2", "u3")
+    path = "/both"
+    both = {"url": standin.url(path), "send": "both"}
+    # u1's track call and u2's identify call are refused (this run), u3's calls go through.
+    failing = {("u1", "track"): Reply(status=422), ("u2", "identify"): Reply(status=400)}
+    standin.respond(path, lambda _p, body: failing.get(call_of(body), Reply()))
+
+    report = run_sync(store, [both], max_attempts=1)
+
+    assert not report.fully_delivered
+    [pair] = report.pairs
+    assert (pair.delivered, pair.pending, pair.rejected) == (1, 0, 2)
+    first = {call_of(r.body): r for r in standin.received(path)}
+    assert set(first) == {(u, t) for u in ("u1", "u2", "u3") for t in ("identify", "track")}
+    standin.clear()
+
+    standin.respond(path, Reply())
+    assert run_sync(store, [both]).fully_delivered
+    again = {call_of(r.body): r for r in standin.received(path)}
+    # Only the calls not accepted are sent again, byte for byte (same messageId).
+    assert set(again) == {("u1", "track"), ("u2", "identify")}
+    for call in again:
+        assert again[call].body == first[call].body
+    standin.clear()
+    assert run_sync(store, [both]).fully_delivered
+    assert standin.received(path) == []
+
+
+def call_of(body: bytes) -> tuple[str, str]:
+    message = json.loads(body)
+    return message["userId"], message["type"]

@@ -7,7 +7,15 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from syncer.core.outcomes import OutcomeKind, backoff_delay, classify_status, parse_retry_after
+from syncer.core.outcomes import (
+    Outcome,
+    OutcomeKind,
+    backoff_delay,
+    classify_status,
+    parse_retry_after,
+    settle_calls,
+)
+from syncer.core.states import Call
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -135,3 +143,51 @@ def test_backoff_delay_cap_applies_to_ceiling() -> None:
         for _ in range(200)
     ]
     assert all(2.5 <= delay <= 5.0 for delay in delays)
+
+
+# --- a change sent both ways: its calls' outcomes settle into one -------------------------
+
+_OK = Outcome(OutcomeKind.DELIVERED, 200, "", 1)
+_DOWN = Outcome(OutcomeKind.RETRYABLE, 503, "down", 2)
+_BAD = Outcome(OutcomeKind.REJECTED, 400, "bad", 1)
+_GONE = Outcome(OutcomeKind.REFUSED, 404, "gone", 1)
+_UNSENT = Outcome(OutcomeKind.NOT_SENT, None, "not sent", 0)
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "kind", "attempts", "accepted"),
+    [
+        ([(Call.IDENTIFY, _OK)], OutcomeKind.DELIVERED, 1, None),
+        ([(Call.IDENTIFY, _OK), (Call.TRACK, _OK)], OutcomeKind.DELIVERED, 1, None),
+        ([(Call.IDENTIFY, _OK), (Call.TRACK, _DOWN)], OutcomeKind.RETRYABLE, 3, Call.IDENTIFY),
+        ([(Call.IDENTIFY, _BAD), (Call.TRACK, _OK)], OutcomeKind.REJECTED, 2, Call.TRACK),
+        ([(Call.IDENTIFY, _DOWN), (Call.TRACK, _BAD)], OutcomeKind.REJECTED, 3, None),
+        ([(Call.IDENTIFY, _UNSENT), (Call.TRACK, _DOWN)], OutcomeKind.RETRYABLE, 2, None),
+        ([(Call.IDENTIFY, _GONE), (Call.TRACK, _UNSENT)], OutcomeKind.REFUSED, 1, None),
+        ([(Call.TRACK, _UNSENT)], OutcomeKind.NOT_SENT, 0, None),
+    ],
+)
+def test_settle_calls(
+    outcomes: list[tuple[Call, Outcome]],
+    kind: OutcomeKind,
+    attempts: int,
+    accepted: Call | None,
+) -> None:
+    settled, done = settle_calls(outcomes)
+    assert (settled.kind, done) == (kind, accepted)
+    if kind is not OutcomeKind.DELIVERED:
+        assert settled.attempts == attempts
+
+
+@pytest.mark.parametrize(
+    ("send", "done", "owed"),
+    [
+        (Call.IDENTIFY, None, (Call.IDENTIFY,)),
+        (Call.TRACK, None, (Call.TRACK,)),
+        (Call.BOTH, None, (Call.IDENTIFY, Call.TRACK)),
+        (Call.BOTH, Call.IDENTIFY, (Call.TRACK,)),
+        (Call.BOTH, Call.TRACK, (Call.IDENTIFY,)),
+    ],
+)
+def test_calls_owed(send: Call, done: Call | None, owed: tuple[Call, ...]) -> None:
+    assert send.owed(done) == owed

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from syncer.core.states import Call
 from syncer.errors import ConfigError
 from syncer.settings import DATABASE_URL_ENV, SECRET_ENV, settings_from_mapping
 
@@ -102,15 +103,9 @@ INVALID = [
         id="unknown-key-in-a-url-table",
     ),
     pytest.param(
-        valid(tray=tray([URL, {"url": "https://b.example/", "send": "both"}])),
-        "tray.workflow_urls[1].send",
-        "'identify' or 'track'",
-        id="send-both-not-built",
-    ),
-    pytest.param(
         valid(tray=tray([{"url": URL, "send": "Track"}])),
         "tray.workflow_urls[0].send",
-        "'identify' or 'track'",
+        "'identify', 'track' or 'both'",
         id="send-is-case-sensitive",
     ),
     pytest.param(
@@ -322,3 +317,12 @@ def test_an_empty_own_secret_means_unsigned() -> None:
         valid(tray=tray([{"url": URL, "shared_secret": ""}])), SOURCE, BASE
     )
     assert settings.tray.secret_for(URL) is None
+
+
+@pytest.mark.parametrize("send", ["identify", "track", "both"])
+def test_send_names_the_call(send: str) -> None:
+    settings = settings_from_mapping(
+        valid(tray=tray([URL, {"url": "https://b.example/", "send": send}])), SOURCE, BASE
+    )
+    assert settings.tray.workflow(URL).send is Call.IDENTIFY
+    assert settings.tray.workflow("https://b.example/").send is Call(send)
