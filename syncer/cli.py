@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from syncer.core.states import Call, Kind, PairState
+from syncer.core.traits import Subject
 from syncer.core.urls import canonical_url, configured_url
 from syncer.errors import (
     EXIT_DATABASE,
@@ -304,13 +305,20 @@ def retry_command(app: App, url: str | None, audience: str | None) -> None:
     destination_ids = None if url is None else _configured_destination(app, store, url)
     subject = None
     if audience is not None:
-        subject = store.audiences.find(audience)
+        subject = _find(app, store, audience)
         if subject is None:
             raise ConfigError(
                 f"--audience: no audience or computed trait has the id or key {audience!r}"
             )
     count = store.outbox.requeue(destination_ids, subject)
     click.echo(f"{count} change(s) re-queued; they are sent on the next run")
+
+
+def _find(app: App, store: Store, wanted: str) -> Subject | None:
+    """The audience or trait (of the input tables or the settings) named by id or key."""
+    from syncer.sync import query_defined
+
+    return store.audiences.find(wanted, query_defined(app.settings))
 
 
 def _configured_destination(app: App, store: Store, url: str) -> list[int]:
@@ -338,7 +346,7 @@ def approve_command(app: App, audience: str, url: str | None) -> None:
     with --url for that one.
     """
     store = app.store()
-    subject = store.audiences.find(audience)
+    subject = _find(app, store, audience)
     if subject is None:
         raise ConfigError(f"AUDIENCE: no audience or computed trait has the id or key {audience!r}")
     destination_ids = None if url is None else _configured_destination(app, store, url)

@@ -267,6 +267,60 @@ class LoggingSettings(_Section):
     format: Literal["json", "console"] = "json"
 
 
+class QueryDefinedSettings(_Section):
+    """An audience (``[[audiences]]``) or computed trait (``[[traits]]``) defined by a query,
+    evaluated at each sync and diffed like one upstream writes to the input tables."""
+
+    id: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)]
+    key: str | None = None
+    query: str
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("query")
+    @classmethod
+    def _one_select(cls, query: str, info: ValidationInfo) -> str:
+        dialect = (info.context or {}).get(QUERY_DIALECT, "sqlite")
+        problem = select_problem(query, dialect)
+        if problem is not None:
+            raise ValueError(problem)
+        return query
+
+
+# The validation context's key for the SQL dialect queries are parsed in (from database.url).
+QUERY_DIALECT = "query_dialect"
+
+
+def select_problem(query: str, dialect: str) -> str | None:
+    """Why ``query`` is not one read-only SELECT in ``dialect`` ("sqlite" or "postgres"), or
+    None. Parsed with a real SQL parser (sqlglot), imported only when a query is configured."""
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+
+    try:
+        statements = [s for s in sqlglot.parse(query, read=dialect) if s is not None]
+    except SqlglotError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"is not valid SQL: {first_line}"
+    if len(statements) != 1:
+        return f"must be one SELECT statement, not {len(statements)}"
+    statement = statements[0]
+    if not isinstance(statement, exp.Query):
+        return f"must be a SELECT, not {statement.key.upper()}"
+    writes = (exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter)
+    for node in statement.walk():
+        if isinstance(node, writes):
+            return f"must only read: it contains {node.key.upper()}"
+        if isinstance(node, exp.Into):
+            return "must only read: SELECT ... INTO creates a table"
+        if isinstance(node, exp.Lock):
+            return "must only read: it locks rows (FOR UPDATE / FOR SHARE)"
+        if isinstance(node, exp.Command):
+            return f"must be one SELECT: {node.this!r} cannot be checked"
+    return None
+
+
 class Settings(_Section):
     """Everything the syncer is told, validated as a whole."""
 
@@ -277,6 +331,18 @@ class Settings(_Section):
     delivery: DeliverySettings = DeliverySettings()
     guard: GuardSettings = GuardSettings()
     logging: LoggingSettings = LoggingSettings()
+    audiences: list[QueryDefinedSettings] = []
+    traits: list[QueryDefinedSettings] = []
+
+    @field_validator("audiences", "traits")
+    @classmethod
+    def _ids_once(cls, entries: list[QueryDefinedSettings]) -> list[QueryDefinedSettings]:
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.id in seen:
+                raise ValueError(f"id {entry.id!r} is defined twice")
+            seen.add(entry.id)
+        return entries
 
 
 def resolve_settings_path(explicit: str | None) -> Path:
@@ -339,8 +405,12 @@ def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Sett
         database = data.setdefault("database", {})
         if isinstance(database, dict):
             database["url"] = database_url
+    raw_url = (
+        data.get("database", {}).get("url", "") if isinstance(data.get("database"), dict) else ""
+    )
+    dialect = "postgres" if str(raw_url).startswith("postgres") else "sqlite"
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings.model_validate(data, context={QUERY_DIALECT: dialect})
     except ValidationError as error:
         if database_url and tuple(error.errors()[0]["loc"][:2]) == ("database", "url"):
             source = DATABASE_URL_ENV

@@ -198,11 +198,13 @@ def make_settings(
     urls: Sequence[Any],
     *,
     engage: dict[str, Any] | None = None,
+    defined: dict[str, list[dict[str, Any]]] | None = None,
     **delivery: Any,
 ) -> Settings:
     """Settings for a test: fast retries unless the test asks otherwise. ``urls``: the
     ``workflow_urls`` entries (URLs, or tables with routing and a secret of their own);
-    ``engage``: keys of ``[engage]`` besides its space_id; the rest: keys of ``[delivery]``."""
+    ``engage``: keys of ``[engage]`` besides its space_id; ``defined``: ``audiences`` and
+    ``traits`` defined by a query; the rest: keys of ``[delivery]``."""
     delivery_settings: dict[str, Any] = {
         "concurrency": 4,
         "timeout_seconds": 5,
@@ -218,6 +220,7 @@ def make_settings(
             "tray": {"workflow_urls": list(urls), "shared_secret": SECRET},
             "engage": {"space_id": "spa_test", **(engage or {})},
             "delivery": delivery_settings,
+            **(defined or {}),
         },
         "test",
         Path("."),

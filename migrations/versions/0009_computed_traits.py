@@ -7,7 +7,8 @@ as the audience tables were by 0001). The syncer's tables keep, beside each audi
 from before this migration are audiences'. On PostgreSQL `syncer_exchange` takes the kind of
 the pair it claims for, returns it with each recorded change, and checks a trait's change
 against the trait's current value (by jsonb equality) where an audience's is checked against
-membership. A change a URL is sent both ways (identify and track) records the call the URL has
+membership. `syncer_query_members` and `syncer_query_values` keep what the queries of audiences
+and traits defined in the settings returned at their last evaluation. A change a URL is sent both ways (identify and track) records the call the URL has
 accepted (`done_call`) until it has accepted both; `syncer_exchange` returns it.
 
 Revision ID: 0009
@@ -196,6 +197,23 @@ def upgrade() -> None:
             sa.Column("value", sa.JSON().with_variant(sa.Text(), "sqlite"), nullable=True),
             sa.PrimaryKeyConstraint("trait_id", "user_id"),
         )
+    # What the queries of audiences and traits defined in the settings returned at their last
+    # evaluation: the members and values such an audience or trait is diffed against.
+    op.create_table(
+        "syncer_query_members",
+        sa.Column("audience_id", sa.Text, nullable=False),
+        sa.Column("user_id", sa.Text, nullable=False),
+        sa.Column("anonymous_id", sa.Text, nullable=True),
+        sa.Column("email", sa.Text, nullable=True),
+        sa.PrimaryKeyConstraint("audience_id", "user_id"),
+    )
+    op.create_table(
+        "syncer_query_values",
+        sa.Column("trait_id", sa.Text, nullable=False),
+        sa.Column("user_id", sa.Text, nullable=False),
+        sa.Column("value", sa.Text, nullable=True),
+        sa.PrimaryKeyConstraint("trait_id", "user_id"),
+    )
     for name in ("ix_syncer_state_told_true", "ix_syncer_state_unsure"):
         op.drop_index(name, table_name="syncer_state")
     _primary_key(connection, "syncer_audience_keys", ["audience_id", _KIND])

@@ -18,6 +18,7 @@ from syncer.store.destinations import DestinationStore
 from syncer.store.holds import HoldStore
 from syncer.store.outbox import OutboxStore
 from syncer.store.planning import PlanStore
+from syncer.store.queries import QueryStore
 from syncer.store.runs import RunStore
 from syncer.store.schema import meta
 from syncer.store.sql import reading, writing
@@ -46,6 +47,7 @@ class Store:
     claims: ClaimStore
     holds: HoldStore
     runs: RunStore
+    queries: QueryStore
 
     @classmethod
     def open(cls, engine: Engine) -> Store:
@@ -62,6 +64,7 @@ class Store:
             claims=ClaimStore(engine),
             holds=HoldStore(engine),
             runs=RunStore(engine),
+            queries=QueryStore(engine),
         )
 
     @property
@@ -80,4 +83,6 @@ class Store:
         if self.engine.dialect.name != "postgresql":
             return
         with writing(self.engine) as connection:
-            connection.exec_driver_sql("ANALYZE audience_memberships, syncer_state, syncer_outbox")
+            connection.exec_driver_sql(
+                "ANALYZE audience_memberships, computed_trait_values, syncer_state, syncer_outbox"
+            )

@@ -3,14 +3,14 @@ sync (one namespace for both kinds)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, exists, func, literal_column, not_, select, text
 
 from syncer.core.states import Kind
-from syncer.core.traits import AudienceIdentity, KeyResolution, Subject, resolve_keys
+from syncer.core.traits import AudienceIdentity, KeyProblem, KeyResolution, Subject, resolve_keys
 from syncer.errors import ConfigError
 from syncer.store.schema import audience_keys, audience_memberships, audiences, computed_traits
 from syncer.store.sql import dialect_insert, reading, writing
@@ -25,6 +25,14 @@ class AudienceRow:
     key: str | None
     enabled: bool
     kind: Kind = Kind.AUDIENCE
+    # Of one defined in the settings: its query, evaluated at each run, and its time limit.
+    query: str | None = None
+    timeout_seconds: float = 60.0
+
+    @property
+    def from_query(self) -> bool:
+        """Defined by a query in the settings, not by a row of an input table."""
+        return self.query is not None
 
     @property
     def subject(self) -> Subject:
@@ -81,22 +89,42 @@ class AudienceStore:
             rows = connection.execute(select(k.kind, k.audience_id, k.key))
             return {Subject(Kind(row.kind), row.audience_id): row.key for row in rows}
 
-    def with_keys(self) -> tuple[list[AudienceRow], KeyResolution]:
-        """Every audience and trait, and the key each syncs under (or why it cannot be)."""
-        rows = self.load()
+    def with_keys(
+        self, defined: Sequence[AudienceRow] = ()
+    ) -> tuple[list[AudienceRow], KeyResolution]:
+        """Every audience and trait, of the input tables and ``defined`` in the settings, and
+        the key each syncs under (or why it cannot be). An id both defined in the settings and
+        found in an input table (of the same kind) is refused in both places."""
+        from_tables = self.load()
+        twice = {row.subject for row in from_tables} & {row.subject for row in defined}
+        rows = from_tables + list(defined)
         resolution = resolve_keys(
-            [AudienceIdentity(row.subject, row.name, row.key) for row in rows],
+            [
+                AudienceIdentity(row.subject, row.name, row.key)
+                for row in rows
+                if row.subject not in twice
+            ],
             self.locked_keys(),
         )
+        for subject in sorted(twice):
+            table = "audiences" if subject.kind is Kind.AUDIENCE else "computed_traits"
+            resolution.problems.append(
+                KeyProblem(
+                    subject,
+                    f"id {subject.id!r} is both defined in the settings and a row of the "
+                    f"{table} table: both are skipped until one is removed",
+                )
+            )
         return rows, resolution
 
-    def find(self, wanted: str) -> Subject | None:
-        """The audience or trait whose id, locked key or ``key`` column is ``wanted``.
+    def find(self, wanted: str, defined: Sequence[AudienceRow] = ()) -> Subject | None:
+        """The audience or trait whose id, locked key or ``key`` column is ``wanted`` (of the
+        input tables and ``defined`` in the settings).
 
         Raises ConfigError when ``wanted`` is the id of both an audience and a trait (their
         keys tell them apart)."""
-        rows, resolution = self.with_keys()
-        named = [row.subject for row in rows if row.is_named(wanted, resolution.keys)]
+        rows, resolution = self.with_keys(defined)
+        named = sorted({row.subject for row in rows if row.is_named(wanted, resolution.keys)})
         by_key = [subject for subject in named if resolution.keys.get(subject) == wanted]
         if len(by_key) == 1:
             return by_key[0]

@@ -46,6 +46,8 @@ from syncer.store.schema import (
     destinations,
     outbox,
     pairs,
+    query_members,
+    query_values,
     state,
 )
 from syncer.store.sql import json_same, json_text, reading, writing
@@ -105,7 +107,7 @@ _HOLD = select(pairs.c.held_at, pairs.c.approved_at).where(
 _v = computed_trait_values
 
 
-def _claimable(kind: Kind) -> Any:
+def _claimable(kind: Kind, from_query: bool) -> Any:
     """The ids of a pair's changes that may be claimed now, ``want`` at most, after a cursor.
 
     A change is still wanted when it says what is true now: an audience's entry while the user
@@ -115,16 +117,16 @@ def _claimable(kind: Kind) -> Any:
     # Outer joins on primary keys, not EXISTS under OR: PostgreSQL would hash the whole audience
     # (and every deleted user) for each claim of a few rows.
     if kind is Kind.AUDIENCE:
-        current = _m
-        joined = and_(_m.c.audience_id == bindparam("audience_id"), _m.c.user_id == _o.user_id)
+        m = current = query_members if from_query else _m
+        joined = and_(m.c.audience_id == bindparam("audience_id"), m.c.user_id == _o.user_id)
         wanted = or_(
-            and_(_o.value == TRUE, _m.c.user_id.is_not(None)),
-            and_(_o.value == FALSE, _m.c.user_id.is_(None)),
+            and_(_o.value == TRUE, m.c.user_id.is_not(None)),
+            and_(_o.value == FALSE, m.c.user_id.is_(None)),
         )
     else:
-        current = _v
-        joined = and_(_v.c.trait_id == bindparam("audience_id"), _v.c.user_id == _o.user_id)
-        wanted = json_same(_o.value, func.coalesce(json_text(_v.c.value), NULL_VALUE))
+        v = current = query_values if from_query else _v
+        joined = and_(v.c.trait_id == bindparam("audience_id"), v.c.user_id == _o.user_id)
+        wanted = json_same(_o.value, func.coalesce(json_text(v.c.value), NULL_VALUE))
     return (
         select(_o.id)
         .select_from(
@@ -152,7 +154,12 @@ def _claimable(kind: Kind) -> Any:
     )
 
 
-_CLAIMABLE = {kind: _claimable(kind) for kind in Kind}
+# By kind, and whether the audience or trait is defined by a query (its snapshot is current).
+_CLAIMABLE = {
+    (kind, from_query): _claimable(kind, from_query)
+    for kind in Kind
+    for from_query in (False, True)
+}
 _CLAIM = (
     update(outbox)
     .where(_o.id.in_(_ids))
@@ -254,6 +261,7 @@ class OutboxStore:
         clear_refusal: bool = True,
         kind: Kind = Kind.AUDIENCE,
         half_done: Sequence[tuple[int, Call]] = (),
+        from_query: bool = False,
     ) -> Exchanged:
         """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
         transaction: the send of each claimed change is decided here, against the state of now.
@@ -266,12 +274,14 @@ class OutboxStore:
         ``clear_refusal``: a delivery clears a refusal recorded for the URL (a worker asks once
         per run, on its first delivery, to save the statement on every exchange).
         ``half_done``: changes sent both ways of which the URL accepted one call (given with
-        the outcome of the other in ``results``): that call is not sent again.
+        the outcome of the other in ``results``): that call is not sent again. ``from_query``:
+        the audience or trait is defined by a query, and checked against its snapshot.
         """
         if (
             self.engine.dialect.name == "postgresql"
             and rate_per_second <= 0
             and not half_done
+            and not from_query
             and all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results)
         ):
             return self._exchange_in_database(
@@ -307,7 +317,7 @@ class OutboxStore:
             if hold is not None and hold.held_at is not None and hold.approved_at is None:
                 return Exchanged([], lost, held=True)
             claimed = self._claim(
-                connection, claim, (destination_id, audience_id, kind), want, after_id
+                connection, claim, (destination_id, audience_id, kind), want, after_id, from_query
             )
             slots = None
             if claimed and rate_per_second > 0:
@@ -355,13 +365,16 @@ class OutboxStore:
         pair: tuple[int, str, Kind],
         want: int,
         after_id: int,
+        from_query: bool,
     ) -> list[QueuedChange]:
         destination_id, audience_id, kind = pair
         parameters = {"destination_id": destination_id, "audience_id": audience_id}
         # Chosen first, then updated by id: an UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR
         # UPDATE SKIP LOCKED) may rescan its subquery on PostgreSQL and claim more than n rows.
         ids = (
-            connection.execute(_CLAIMABLE[kind], {**parameters, "after_id": after_id, "want": want})
+            connection.execute(
+                _CLAIMABLE[kind, from_query], {**parameters, "after_id": after_id, "want": want}
+            )
             .scalars()
             .all()
         )

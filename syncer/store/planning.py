@@ -47,10 +47,13 @@ from syncer.store.schema import (
     STATE_UNSURE,
     audience_memberships,
     audiences,
+    computed_trait_values,
     deleted_users,
     destinations,
     outbox,
     pairs,
+    query_members,
+    query_values,
     state,
 )
 from syncer.store.sql import (
@@ -123,6 +126,18 @@ class Pair:
     # The call the URL is sent new changes with (its `send`); queued changes keep theirs.
     call: Call = Call.IDENTIFY
     kind: Kind = Kind.AUDIENCE
+    # Defined by a query in the settings: its members (or values) are the query's snapshot.
+    from_query: bool = False
+
+    @property
+    def members(self) -> Any:
+        """The table holding the audience's members now."""
+        return query_members if self.from_query else audience_memberships
+
+    @property
+    def values(self) -> Any:
+        """The table holding the trait's values now."""
+        return query_values if self.from_query else computed_trait_values
 
     def outbox(self) -> ColumnElement[bool]:
         return and_(
@@ -146,12 +161,21 @@ class Pair:
         )
 
     def member(self, user: Any) -> ColumnElement[bool]:
-        return exists().where(_m.c.audience_id == self.audience_id, _m.c.user_id == user)
+        return exists().where(
+            self.members.c.audience_id == self.audience_id, self.members.c.user_id == user
+        )
 
     def valid_member(self, user: Any) -> ColumnElement[bool]:
-        problem = row_problem(self.connection, _m.c.user_id, _m.c.anonymous_id, _m.c.email)
+        problem = row_problem(
+            self.connection,
+            self.members.c.user_id,
+            self.members.c.anonymous_id,
+            self.members.c.email,
+        )
         return exists().where(
-            _m.c.audience_id == self.audience_id, _m.c.user_id == user, problem.is_(None)
+            self.members.c.audience_id == self.audience_id,
+            self.members.c.user_id == user,
+            problem.is_(None),
         )
 
     @staticmethod
@@ -169,7 +193,7 @@ class Pair:
         when identities matter (``resend_identity``)."""
         if not self.resend_identity:
             return self.certainly_true(user)
-        member = _m.alias("member_now")
+        member = self.members.alias("member_now")
         return exists().where(
             self._state(user),
             state.c.value == TRUE,
@@ -184,7 +208,7 @@ class Pair:
         unless identities matter)."""
         if not self.resend_identity:
             return true()
-        member = _m.alias("member_now")
+        member = self.members.alias("member_now")
         return exists().where(
             member.c.audience_id == self.audience_id,
             member.c.user_id == user,
@@ -369,23 +393,24 @@ def _plan_in(
     if full:
         connection.execute(update(outbox).where(pair.outbox(), o.value == TRUE).values(forced=True))
 
+    m = pair.members
     candidates = and_(
-        _m.c.audience_id == pair.audience_id,
-        not_(pair.suppressed(_m.c.user_id)),
-        not_(pair.queued(_m.c.user_id)),
-        or_(literal(full, Boolean), not_(pair.certainly_told_as_member(_m.c.user_id))),
+        m.c.audience_id == pair.audience_id,
+        not_(pair.suppressed(m.c.user_id)),
+        not_(pair.queued(m.c.user_id)),
+        or_(literal(full, Boolean), not_(pair.certainly_told_as_member(m.c.user_id))),
     )
-    problem = row_problem(connection, _m.c.user_id, _m.c.anonymous_id, _m.c.email)
+    problem = row_problem(connection, m.c.user_id, m.c.anonymous_id, m.c.email)
     fields = new_change(pair, TRUE, full, now)
     new_entered = insert_changes(
         connection,
         select(
             fields[0],
             fields[1],
-            _m.c.user_id,
+            m.c.user_id,
             fields[2],
-            _m.c.anonymous_id,
-            _m.c.email,
+            m.c.anonymous_id,
+            m.c.email,
             *fields[3:],
         ).where(candidates, problem.is_(None)),
     )
@@ -397,9 +422,9 @@ def _plan_in(
     example = None
     if invalid:
         first = connection.execute(
-            select(_m.c.user_id, problem)
+            select(m.c.user_id, problem)
             .where(candidates, problem.is_not(None))
-            .order_by(_m.c.user_id)
+            .order_by(m.c.user_id)
             .limit(1)
         ).one()
         example = f"{first[0]!r}: {first[1]}"
@@ -561,6 +586,7 @@ class PlanStore:
         resend_on_identity_change: bool = False,
         call: Call = Call.IDENTIFY,
         kind: Kind = Kind.AUDIENCE,
+        from_query: bool = False,
     ) -> PlanResult:
         """Make the pair's outbox hold exactly what its URL must be told, or hold the pair.
 
@@ -569,14 +595,21 @@ class PlanStore:
         ``resend_on_identity_change``: a member whose email or anonymousId is not the one the
         URL was told with is sent again (see :func:`syncer.core.diff.plan_user`). ``call``:
         the call new changes are sent with; queued ones keep theirs. ``kind``: whether
-        ``audience_id`` names an audience or a computed trait.
+        ``audience_id`` names an audience or a computed trait; ``from_query``: it is defined
+        by a query in the settings, and its members or values are the query's snapshot.
         """
         plan_in = _planner(kind)
 
         def attempt() -> PlanResult:
             with writing(self.engine, snapshot=True) as connection:
                 pair = Pair(
-                    connection, destination_id, audience_id, resend_on_identity_change, call, kind
+                    connection,
+                    destination_id,
+                    audience_id,
+                    resend_on_identity_change,
+                    call,
+                    kind,
+                    from_query,
                 )
                 ensure_pair(pair)
                 try:
@@ -623,9 +656,12 @@ class PlanStore:
         resend_on_identity_change: bool = False,
         call: Call = Call.IDENTIFY,
         kind: Kind = Kind.AUDIENCE,
+        prepare: Callable[[Connection], None] | None = None,
     ) -> PlanResult:
         """Plan exactly as a run would, hand every change it would send to ``emit(user, value,
-        call)`` in batches, then undo everything: nothing is written."""
+        call)`` in batches, then undo everything: nothing is written. ``prepare(connection)``
+        runs first in the same transaction (evaluating the query of an audience or trait
+        defined by one: a dry run then plans from its snapshot)."""
         with rolled_back(self.engine) as connection:
             connection.execute(
                 dialect_insert(connection, destinations)
@@ -635,8 +671,16 @@ class PlanStore:
             destination_id = connection.execute(
                 select(destinations.c.id).where(destinations.c.canonical == canonical)
             ).scalar_one()
+            if prepare is not None:
+                prepare(connection)
             pair = Pair(
-                connection, destination_id, audience_id, resend_on_identity_change, call, kind
+                connection,
+                destination_id,
+                audience_id,
+                resend_on_identity_change,
+                call,
+                kind,
+                from_query=prepare is not None,
             )
             ensure_pair(pair)
             try:

@@ -74,6 +74,27 @@ computed_trait_values = Table(
 )
 
 # --- The syncer's own records. ---
+
+# Snapshots of the audiences and traits defined by a query in the settings: what each query
+# returned at its last evaluation, in the shape of the input tables, so that they are planned
+# and checked exactly as table-defined ones.
+query_members = Table(
+    "syncer_query_members",
+    metadata,
+    Column("audience_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("anonymous_id", Text, nullable=True),
+    Column("email", Text, nullable=True),
+    PrimaryKeyConstraint("audience_id", "user_id"),
+)
+query_values = Table(
+    "syncer_query_values",
+    metadata,
+    Column("trait_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("value", Text, nullable=True),  # JSON text
+    PrimaryKeyConstraint("trait_id", "user_id"),
+)
 # `audience_id` columns hold the id of an audience or of a computed trait; `kind`
 # (syncer.core.states.Kind) tells which.
 

@@ -48,10 +48,9 @@ from syncer.store.planning import (
     mark_dropped_as_doubtful,
     start_plan,
 )
-from syncer.store.schema import OUTBOX_MAYBE_PROCESSED, computed_trait_values, outbox, state
+from syncer.store.schema import OUTBOX_MAYBE_PROCESSED, outbox, state
 from syncer.store.sql import json_same, json_text, row_problem
 
-_v = computed_trait_values
 NOT_JSON = "value is not JSON"
 
 
@@ -85,11 +84,13 @@ class _Trait:
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
-        self.value = json_text(_v.c.value)
-        self.problem = trait_value_problem(pair.connection, _v.c.user_id, _v.c.value)
+        self.table = v = pair.values
+        self.value = json_text(v.c.value)
+        self.problem = trait_value_problem(pair.connection, v.c.user_id, v.c.value)
 
     def row(self, user: Any) -> ColumnElement[bool]:
-        return and_(_v.c.trait_id == self.pair.audience_id, _v.c.user_id == user)
+        v = self.table
+        return and_(v.c.trait_id == self.pair.audience_id, v.c.user_id == user)
 
     def has_value(self, user: Any) -> ColumnElement[bool]:
         """The user's row holds a value, sendable or not."""
@@ -154,7 +155,7 @@ def _replace_stale_forced(
     """Replace each forced change (queued by ``sync --full``) whose value is no longer the
     user's with a forced change of the current value: the URL is owed the current value even if
     it certainly holds it, as a full sync promised. Return how many were queued."""
-    connection, o = pair.connection, outbox.c
+    connection, o, v = pair.connection, outbox.c, trait.table
     stale = (
         select(o.user_id)
         .where(
@@ -173,8 +174,8 @@ def _replace_stale_forced(
         mark_dropped_as_doubtful(pair, o.user_id.in_(users))
         queued += insert_changes(
             connection,
-            select(*_change(pair, _v.c.user_id, trait.value, True, now)).where(
-                _v.c.trait_id == pair.audience_id, _v.c.user_id.in_(users)
+            select(*_change(pair, v.c.user_id, trait.value, True, now)).where(
+                v.c.trait_id == pair.audience_id, v.c.user_id.in_(users)
             ),
         )
     return queued
@@ -188,7 +189,7 @@ def plan_trait_in(
     connection = pair.connection
     now, held, approved = start_plan(pair, now, retry_rejected)
     trait = _Trait(pair)
-    o = outbox.c
+    o, v = outbox.c, trait.table
     is_full = literal(full, Boolean)
     kept = and_(
         not_(pair.suppressed(o.user_id)),
@@ -220,18 +221,18 @@ def plan_trait_in(
         )
 
     present = and_(
-        _v.c.trait_id == pair.audience_id,
+        v.c.trait_id == pair.audience_id,
         _holds_a_value(trait.value),
-        not_(pair.suppressed(_v.c.user_id)),
+        not_(pair.suppressed(v.c.user_id)),
     )
     candidates = and_(
         present,
-        not_(pair.queued(_v.c.user_id)),
-        or_(is_full, not_(trait.certainly_told(_v.c.user_id, trait.value))),
+        not_(pair.queued(v.c.user_id)),
+        or_(is_full, not_(trait.certainly_told(v.c.user_id, trait.value))),
     )
     new_values += insert_changes(
         connection,
-        select(*_change(pair, _v.c.user_id, trait.value, full, now)).where(
+        select(*_change(pair, v.c.user_id, trait.value, full, now)).where(
             candidates, trait.problem.is_(None)
         ),
     )
@@ -243,9 +244,9 @@ def plan_trait_in(
     example = None
     if invalid:
         first = connection.execute(
-            select(_v.c.user_id, trait.problem)
+            select(v.c.user_id, trait.problem)
             .where(present, trait.problem.is_not(None))
-            .order_by(_v.c.user_id)
+            .order_by(v.c.user_id)
             .limit(1)
         ).one()
         example = f"{first[0]!r}: {first[1]}"

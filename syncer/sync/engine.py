@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import certifi
 import structlog
+from sqlalchemy.engine import Connection
 
 from syncer.core.states import Call, Kind, PairState, RunStatus
 from syncer.core.traits import KeyProblem, Subject
@@ -34,6 +35,7 @@ from syncer.settings import Settings
 from syncer.store import Store
 from syncer.store.audiences import AudienceRow
 from syncer.store.planning import PlanOutcome, PlanResult
+from syncer.store.queries import QueryDefinition, QueryFailed
 from syncer.store.sql import utcnow
 from syncer.sync.context import NoProgress, Progress, RunContext, holder_is_dead
 from syncer.sync.deletions import deliver_deletions
@@ -110,6 +112,32 @@ def select_audiences(
     if named:
         return named
     raise ConfigError(f"--audience: no audience or computed trait has the id or key {wanted!r}")
+
+
+def query_defined(settings: Settings) -> list[AudienceRow]:
+    """The audiences and computed traits the settings define by a query."""
+    return [
+        AudienceRow(
+            entry.id,
+            entry.name,
+            entry.key,
+            True,
+            kind,
+            query=entry.query,
+            timeout_seconds=entry.timeout_seconds,
+        )
+        for kind, entries in ((Kind.AUDIENCE, settings.audiences), (Kind.TRAIT, settings.traits))
+        for entry in entries
+    ]
+
+
+def _definition(row: AudienceRow) -> QueryDefinition:
+    assert row.query is not None
+    return QueryDefinition(row.subject, row.query, row.timeout_seconds)
+
+
+def _refresh_in(store: Store, definition: QueryDefinition, connection: Connection) -> None:
+    store.queries.refresh_in(connection, definition)
 
 
 def _emit_for(
@@ -192,7 +220,7 @@ class SyncEngine:
         return sender
 
     def _resolve(self, options: SyncOptions) -> tuple[list[tuple[AudienceRow, str]], SyncReport]:
-        rows, resolution = self.store.audiences.with_keys()
+        rows, resolution = self.store.audiences.with_keys(query_defined(self.settings))
         chosen = select_audiences(rows, resolution.keys, options.audience)
         chosen_subjects = {row.subject for row in chosen}
         report = SyncReport(run_id=None)
@@ -247,26 +275,22 @@ class SyncEngine:
         and write nothing: every plan is rolled back."""
         started = time.monotonic()
         syncable, report = self._resolve(options)
-        delivery = self.settings.delivery
+        failed: set[Subject] = set()
         for url in options.urls(self.settings.tray.urls):
             route = self.settings.tray.route(url)
             for row, key in syncable:
-                if not route.takes(row.kind, key):
+                if not route.takes(row.kind, key) or row.subject in failed:
                     continue
                 pair = PairReport(url=url, audience_id=row.audience_id, key=key, kind=row.kind)
-                result = self.store.planning.dry_run(
-                    url,
-                    canonical_url(url),
-                    row.audience_id,
-                    full=options.full,
-                    now=utcnow(),
-                    limits=self.context.guard_limits,
-                    batch_size=delivery.batch_size,
-                    emit=partial(_emit_for, emit, url, key),
-                    resend_on_identity_change=self.settings.engage.resend_on_identity_change,
-                    call=self.settings.tray.workflow(url).send,
-                    kind=row.kind,
-                )
+                prepare = None
+                if row.from_query:
+                    prepare = partial(_refresh_in, self.store, _definition(row))
+                try:
+                    result = self._dry_run_pair(url, row, key, prepare, options, emit)
+                except QueryFailed as error:
+                    failed.add(row.subject)
+                    report.problems.append(KeyProblem(row.subject, f"query failed: {error}"))
+                    continue
                 if result.outcome is PlanOutcome.HELD:
                     pair.state, pair.note = PairState.HELD, f"held: {result.hold_reason}"
                 pair.invalid, pair.invalid_example = result.invalid, result.invalid_example
@@ -274,6 +298,31 @@ class SyncEngine:
                 report.pairs.append(pair)
         report.duration_seconds = time.monotonic() - started
         return report
+
+    def _dry_run_pair(
+        self,
+        url: str,
+        row: AudienceRow,
+        key: str,
+        prepare: Callable[[Connection], None] | None,
+        options: SyncOptions,
+        emit: DryRunEmitter,
+    ) -> PlanResult:
+        delivery = self.settings.delivery
+        return self.store.planning.dry_run(
+            url,
+            canonical_url(url),
+            row.audience_id,
+            full=options.full,
+            now=utcnow(),
+            limits=self.context.guard_limits,
+            batch_size=delivery.batch_size,
+            emit=partial(_emit_for, emit, url, key),
+            resend_on_identity_change=self.settings.engage.resend_on_identity_change,
+            call=self.settings.tray.workflow(url).send,
+            kind=row.kind,
+            prepare=prepare,
+        )
 
     async def run_async(self, options: SyncOptions, progress: Progress | None = None) -> SyncReport:
         """The body of :meth:`run`, for callers that already have an event loop."""
@@ -292,6 +341,7 @@ class SyncEngine:
                 locked.append((row, key))
             else:
                 report.problems.append(KeyProblem(row.subject, f"key {key!r} was just taken"))
+        locked = await self._evaluate_queries(locked, report)
         await context.db(store.refresh_statistics)
         await context.db(store.runs.mark_crashed, holder_is_dead)
         released = await context.db(store.claims.release_dead, holder_is_dead)
@@ -316,7 +366,11 @@ class SyncEngine:
                     resend_on_identity_change=self.settings.engage.resend_on_identity_change,
                 ),
                 [destination_ids[url] for url in urls],
-                [row.audience_id for row, _ in locked if row.kind is Kind.AUDIENCE],
+                [
+                    row.audience_id
+                    for row, _ in locked
+                    if row.kind is Kind.AUDIENCE and not row.from_query
+                ],
             )
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
         report.run_id = run_id
@@ -360,6 +414,44 @@ class SyncEngine:
         self._log_summary(report, options, status)
         return report
 
+    async def _evaluate_queries(
+        self, rows: list[tuple[AudienceRow, str]], report: SyncReport
+    ) -> list[tuple[AudienceRow, str]]:
+        """Take the rows of each audience and trait defined by a query into its snapshot; one
+        whose query fails is skipped for the run, with the database's message."""
+        kept = []
+        for row, key in rows:
+            if row.from_query:
+                try:
+                    snapshot = await self.context.db(self.store.queries.refresh, _definition(row))
+                except QueryFailed as error:
+                    problem = KeyProblem(row.subject, f"query failed: {error}")
+                    report.problems.append(problem)
+                    log.warning(
+                        "query_failed",
+                        audience_id=row.audience_id,
+                        kind=row.kind.value,
+                        error=str(error),
+                    )
+                    continue
+                log.info(
+                    "query_evaluated",
+                    audience_id=row.audience_id,
+                    kind=row.kind.value,
+                    rows=snapshot.rows,
+                    skipped=snapshot.skipped,
+                )
+                if snapshot.skipped:
+                    log.warning(
+                        "query_rows_skipped",
+                        audience_id=row.audience_id,
+                        kind=row.kind.value,
+                        count=snapshot.skipped,
+                        reason="no user_id, or a user_id returned more than once",
+                    )
+            kept.append((row, key))
+        return kept
+
     @staticmethod
     def _log_summary(report: SyncReport, options: SyncOptions, status: RunStatus) -> None:
         log.info(
@@ -399,6 +491,7 @@ class SyncEngine:
             if (
                 with_work is not None
                 and row.kind is Kind.AUDIENCE
+                and not row.from_query
                 and (destination_id, row.audience_id) not in with_work
             ):
                 reports.append(PairReport(url=sender.url, audience_id=row.audience_id, key=key))
@@ -421,6 +514,7 @@ class SyncEngine:
                     busy[index + 1][0].subject,
                     full=options.full,
                     first_round=True,
+                    from_query=busy[index + 1][0].from_query,
                 )
             )
 
@@ -432,6 +526,7 @@ class SyncEngine:
                     destination_id,
                     row.subject,
                     key,
+                    from_query=row.from_query,
                     full=options.full,
                     progress=progress,
                     first_plan=plans.pop(index, None),

@@ -38,6 +38,7 @@ class ExchangeRequest:
     clear_refusal: bool
     secret: str | None = field(repr=False)  # what the bodies are signed with
     half_done: list[tuple[int, Call]] = field(default_factory=list)
+    from_query: bool = False  # the audience or trait is defined by a query in the settings
 
 
 class OwedCall(NamedTuple):
@@ -75,6 +76,7 @@ def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
         clear_refusal=request.clear_refusal,
         kind=Kind(computation.computation_class),
         half_done=request.half_done,
+        from_query=request.from_query,
     )
     claimed = []
     for change in exchanged.claimed:

@@ -41,6 +41,7 @@ async def plan_pair(
     *,
     full: bool,
     first_round: bool,
+    from_query: bool = False,
 ) -> PlanResult:
     """One plan of one (URL, audience or trait): the first of a run, or the one after a stale
     send. New changes take the call the URL's ``send`` names now."""
@@ -55,6 +56,7 @@ async def plan_pair(
         resend_on_identity_change=context.settings.engage.resend_on_identity_change,
         call=context.settings.tray.workflow(url).send,
         kind=subject.kind,
+        from_query=from_query,
     )
 
 
@@ -67,6 +69,7 @@ async def sync_pair(
     *,
     full: bool,
     progress: Progress,
+    from_query: bool = False,
     first_plan: Awaitable[PlanResult] | None = None,
     planned: Callable[[], None] = lambda: None,
 ) -> PairReport:
@@ -90,6 +93,7 @@ async def sync_pair(
                 subject,
                 full=full,
                 first_round=round_number == 0,
+                from_query=from_query,
             )
         if round_number == 0:
             planned()
@@ -111,7 +115,9 @@ async def sync_pair(
             context.expect_delivery(plan.queued_entries + plan.queued_exits)
         else:
             progress.planned(sender.url, plan.new_entered + plan.new_exited)
-        deliver = partial(_deliver, context, sender, destination_id, subject, key, report, progress)
+        deliver = partial(
+            _deliver, context, sender, destination_id, subject, key, report, progress, from_query
+        )
         await deliver()
         await _wait_for_other_workers(context, sender, destination_id, subject, report, deliver)
         statuses = await context.db(
@@ -218,6 +224,7 @@ async def _deliver(
     key: str,
     report: PairReport,
     progress: Progress,
+    from_query: bool,
 ) -> None:
     delivery = context.settings.delivery
     audience_id = subject.id
@@ -250,6 +257,7 @@ async def _deliver(
                 clear_refusal=not sender.refusal_cleared,
                 secret=context.settings.tray.secret_for(sender.url),
                 half_done=half_done,
+                from_query=from_query,
             )
         )
         if any(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):
