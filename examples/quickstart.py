@@ -68,12 +68,18 @@ def main() -> int:
         wait_for_port(8765)
         step("create the schema")
         syncer("migrate")
-        step("load sample audiences and memberships (examples/sample_data.sql)")
+        step(
+            "load sample audiences, memberships, a computed trait and orders "
+            "(examples/sample_data.sql)"
+        )
         with sqlite3.connect(database) as connection:
             connection.executescript((EXAMPLES / "sample_data.sql").read_text())
-        step("first sync: every member of every audience goes to both workflows")
+        step(
+            "first sync: every member of every audience, and every trait value, goes to both "
+            "workflows (the orders audience is settings.toml's query)"
+        )
         first = syncer("sync")
-        step("upstream changes memberships (examples/changes.sql)")
+        step("upstream changes memberships, trait values and orders (examples/changes.sql)")
         with sqlite3.connect(database) as connection:
             connection.executescript((EXAMPLES / "changes.sql").read_text())
         step("a dry run shows what would be sent, and sends nothing")
