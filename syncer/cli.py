@@ -423,22 +423,60 @@ FORMAT_OPTION = click.option(
 
 @main.group(name="inspect")
 def inspect_group() -> None:
-    """Look at audiences, members, users, runs and failures."""
+    """Look at audiences, traits, members, users, runs and failures."""
 
 
 def _inspection(app: App) -> Inspection:
-    return Inspection(app.store())
+    from syncer.sync import query_defined
+
+    return Inspection(app.store(), query_defined(app.settings))
 
 
 @inspect_group.command(name="audiences")
 @FORMAT_OPTION
 @click.pass_obj
 def inspect_audiences(app: App, output_format: str) -> None:
-    """Every audience, its members, and per URL what it was told and what is pending."""
+    """Every audience, its members, and per URL what it was told and what is pending.
+
+    An audience defined by a query in the settings counts the members of its last evaluation.
+    """
     records = _inspection(app).audiences(app.settings.tray.urls)
+    _print_subjects(
+        records,
+        output_format,
+        [("MEMBERS", "members"), ("INVALID", "invalid_members")],
+        [("TOLD", "told_members"), ("PENDING IN", "pending_entries"),
+         ("PENDING OUT", "pending_exits")],
+    )  # fmt: skip
+
+
+@inspect_group.command(name="traits")
+@FORMAT_OPTION
+@click.pass_obj
+def inspect_traits(app: App, output_format: str) -> None:
+    """Every computed trait, its values, and per URL what it holds and what is pending.
+
+    A trait defined by a query in the settings counts the values of its last evaluation.
+    """
+    records = _inspection(app).traits(app.settings.tray.urls)
+    _print_subjects(
+        records,
+        output_format,
+        [("VALUES", "values"), ("INVALID", "invalid_values")],
+        [("TOLD", "told_values"), ("PENDING", "pending_values"), ("PENDING NULL", "pending_nulls")],
+    )
+
+
+def _print_subjects(
+    records: list[dict[str, Any]],
+    output_format: str,
+    counts: list[tuple[str, str]],
+    per_url_counts: list[tuple[str, str]],
+) -> None:
     if output_format == "json":
         print_json(records)
         return
+    own = ["id", "name", "key", "enabled", "defined_by", *(field for _, field in counts)]
     rows = []
     for record in records:
         first = True
@@ -453,9 +491,7 @@ def inspect_audiences(app: App, output_format: str) -> None:
                 if record["key"] is None:
                     row["key"] = f"(not synced: {record['key_problem']})"
             else:
-                row.update(
-                    {k: "" for k in ("id", "name", "key", "enabled", "members", "invalid_members")}
-                )
+                row.update(dict.fromkeys(own, ""))
             first = False
             rows.append(row)
     print_table(
@@ -465,13 +501,11 @@ def inspect_audiences(app: App, output_format: str) -> None:
             ("NAME", "name"),
             ("KEY", "key"),
             ("ENABLED", "enabled"),
-            ("MEMBERS", "members"),
-            ("INVALID", "invalid_members"),
+            ("DEFINED BY", "defined_by"),
+            *counts,
             ("URL", "url"),
             ("HELD", "held"),
-            ("TOLD", "told_members"),
-            ("PENDING IN", "pending_entries"),
-            ("PENDING OUT", "pending_exits"),
+            *per_url_counts,
             ("REJECTED", "rejected"),
             ("PARKED", "parked"),
             ("LAST SUCCESSFUL SYNC", "last_successful_sync"),
@@ -530,6 +564,8 @@ def inspect_user(app: App, user_id: str, output_format: str) -> None:
         )  # fmt: skip
     names = ", ".join(f"{a['id']} ({a['key'] or 'no key'})" for a in record["audiences"])
     click.echo(f"in audiences now: {names or 'none'}")
+    values = ", ".join(f"{t['key'] or t['id']}={t['value']}" for t in record["traits"])
+    click.echo(f"trait values now: {values or 'none'}")
     if record["told"]:
         print_table(
             record["told"],

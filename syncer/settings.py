@@ -299,7 +299,12 @@ def select_problem(query: str, dialect: str) -> str | None:
     from sqlglot.errors import SqlglotError
 
     try:
-        statements = [s for s in sqlglot.parse(query, read=dialect) if s is not None]
+        # A comment after the final semicolon comes back as an empty statement of its own.
+        statements = [
+            s
+            for s in sqlglot.parse(query, read=dialect)
+            if s is not None and not isinstance(s, exp.Semicolon)
+        ]
     except SqlglotError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         return f"is not valid SQL: {first_line}"

@@ -6,13 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, exists, func, literal_column, not_, select, text
 
 from syncer.core.states import Kind
 from syncer.core.traits import AudienceIdentity, KeyProblem, KeyResolution, Subject, resolve_keys
 from syncer.errors import ConfigError
-from syncer.store.schema import audience_keys, audience_memberships, audiences, computed_traits
+from syncer.store.schema import (
+    audience_keys,
+    audience_memberships,
+    audiences,
+    computed_trait_values,
+    computed_traits,
+)
 from syncer.store.sql import dialect_insert, reading, writing
 
 
@@ -44,20 +51,20 @@ class AudienceRow:
         return wanted in (self.audience_id, keys.get(self.subject), self.key)
 
 
-# The distinct audience ids of the memberships, one index probe each (a "loose index scan"),
-# so that finding memberships of missing audiences never reads every membership row.
-_MEMBERSHIP_AUDIENCES = text(
-    """
-    WITH RECURSIVE ids(audience_id) AS (
-        SELECT min(audience_id) FROM audience_memberships
-        UNION ALL
-        SELECT (SELECT min(m.audience_id) FROM audience_memberships m
-                WHERE m.audience_id > ids.audience_id)
-        FROM ids WHERE ids.audience_id IS NOT NULL
-    )
-    SELECT audience_id FROM ids WHERE audience_id IS NOT NULL
-    """
-).columns(literal_column("audience_id"))
+def _distinct_ids(table: str, column: str) -> Any:
+    """The distinct values of an indexed id column, one index probe each (a "loose index
+    scan"), so that finding rows of missing audiences or traits never reads every row."""
+    return text(
+        f"""
+        WITH RECURSIVE ids(id) AS (
+            SELECT min({column}) FROM {table}
+            UNION ALL
+            SELECT (SELECT min(t.{column}) FROM {table} t WHERE t.{column} > ids.id)
+            FROM ids WHERE ids.id IS NOT NULL
+        )
+        SELECT id FROM ids WHERE id IS NOT NULL
+        """
+    ).columns(literal_column("id"))
 
 
 class AudienceStore:
@@ -162,22 +169,33 @@ class AudienceStore:
 
     def orphan_memberships(self, limit: int = 20) -> list[tuple[str, int]]:
         """(audience id, rows) for memberships whose audience does not exist."""
-        ids = _MEMBERSHIP_AUDIENCES.subquery("membership_audiences")
+        return self._orphans(audiences, audience_memberships.c.audience_id, limit)
+
+    def orphan_values(self, limit: int = 20) -> list[tuple[str, int]]:
+        """(trait id, rows) for computed trait values whose trait does not exist."""
+        return self._orphans(computed_traits, computed_trait_values.c.trait_id, limit)
+
+    def _orphans(self, owners: Any, column: Any, limit: int) -> list[tuple[str, int]]:
+        ids = _distinct_ids(column.table.name, column.name).subquery("owner_ids")
         with reading(self.engine) as connection:
             orphans = (
                 connection.execute(
-                    select(ids.c.audience_id)
-                    .where(not_(exists().where(audiences.c.id == ids.c.audience_id)))
-                    .order_by(ids.c.audience_id)
+                    select(ids.c.id)
+                    .where(not_(exists().where(owners.c.id == ids.c.id)))
+                    .order_by(ids.c.id)
                     .limit(limit)
                 )
                 .scalars()
                 .all()
             )
-            counts = []
-            for audience_id in orphans:
-                rows = connection.execute(
-                    select(func.count()).where(audience_memberships.c.audience_id == audience_id)
-                ).scalar_one()
-                counts.append((str(audience_id), int(rows)))
-            return counts
+            return [
+                (
+                    str(owner_id),
+                    int(
+                        connection.execute(
+                            select(func.count()).where(column == owner_id)
+                        ).scalar_one()
+                    ),
+                )
+                for owner_id in orphans
+            ]

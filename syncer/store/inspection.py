@@ -11,27 +11,43 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, false, func, literal, not_, or_, select, true
 
+from syncer.core.diff import NULL_VALUE
 from syncer.core.payload import message_id
 from syncer.core.states import ChangeStatus, Kind
+from syncer.core.traits import Subject
 from syncer.store import Store
+from syncer.store.audiences import AudienceRow
 from syncer.store.schema import (
     DELETION_OWED,
     STATE_TOLD_TRUE,
     audience_memberships,
     audiences,
+    computed_trait_values,
+    computed_traits,
     deleted_users,
     deletions,
     destinations,
     outbox,
     pairs,
+    query_members,
+    query_values,
     runs,
     state,
 )
-from syncer.store.sql import reading, row_problem
+from syncer.store.sql import json_same, json_text, reading, row_problem
+from syncer.store.trait_planning import trait_value_problem
 
 Record = dict[str, Any]
+
+
+def shown_value(kind: str, value: str | None) -> Any:
+    """A recorded value as inspection shows it: an audience's as true or false, a trait's as
+    the JSON text it was sent as (its digits exactly), None for none."""
+    if value is None:
+        return None
+    return value == "true" if kind == Kind.AUDIENCE.value else value
 
 
 def _when(moment: datetime | None) -> str | None:
@@ -39,11 +55,13 @@ def _when(moment: datetime | None) -> str | None:
 
 
 class Inspection:
-    """Answers the questions operators ask of the syncer, from the database alone."""
+    """Answers the questions operators ask of the syncer, from the database alone (and the
+    audiences and traits the settings define by a query, ``defined``)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, defined: Sequence[AudienceRow] = ()) -> None:
         self.store = store
         self.engine = store.engine
+        self.defined = list(defined)
 
     def _destination_ids(self, urls: Sequence[str]) -> dict[str, int]:
         return self.store.destinations.find(urls)
@@ -57,74 +75,92 @@ class Inspection:
         known.update({v: k for k, v in self._destination_ids(urls).items()})
         return known
 
-    def _keys(self) -> tuple[dict[str, str], dict[str, str]]:
-        _, resolution = self.store.audiences.with_keys()
-        audience = Kind.AUDIENCE
-        return (
-            {
-                subject.id: key
-                for subject, key in resolution.keys.items()
-                if subject.kind is audience
-            },
-            {p.audience_id: p.reason for p in resolution.problems if p.subject.kind is audience},
-        )
+    def _resolved(self) -> tuple[list[AudienceRow], dict[Subject, str], dict[Subject, str]]:
+        rows, resolution = self.store.audiences.with_keys(self.defined)
+        problems = {p.subject: p.reason for p in resolution.problems}
+        return rows, resolution.keys, problems
 
     def _namespace(self) -> uuid.UUID:
         return self.store.namespace
 
     def find_audience(self, wanted: str) -> str | None:
         """The id of the audience whose id or key is ``wanted``."""
-        subject = self.store.audiences.find(wanted)
+        subject = self.store.audiences.find(wanted, self.defined)
         return subject.id if subject is not None and subject.kind is Kind.AUDIENCE else None
 
     def audiences(self, urls: Sequence[str]) -> list[Record]:
         """Every audience with its members and, per configured URL, what that URL knows,
         what it is owed, whether the guard holds it, and whether the URL refuses everything."""
-        keys, problems = self._keys()
+        return self._subjects(Kind.AUDIENCE, urls)
+
+    def traits(self, urls: Sequence[str]) -> list[Record]:
+        """Every computed trait with its values and, per configured URL, what that URL holds,
+        what it is owed, whether the guard holds it, and whether the URL refuses everything."""
+        return self._subjects(Kind.TRAIT, urls)
+
+    def _current_counts(self, connection: Any, kind: Kind) -> tuple[dict[Any, int], ...]:
+        """(id, from a query) -> rows now, and -> rows that cannot be sent."""
+        present: dict[Any, int] = {}
+        invalid: dict[Any, int] = {}
+        for from_query in (False, True):
+            where: ColumnElement[bool]
+            if kind is Kind.AUDIENCE:
+                table = query_members if from_query else audience_memberships
+                owner, where = table.c.audience_id, true()
+                problem = row_problem(
+                    connection, table.c.user_id, table.c.anonymous_id, table.c.email
+                )
+            else:
+                table = query_values if from_query else computed_trait_values
+                owner = table.c.trait_id
+                value = json_text(table.c.value)
+                where = and_(
+                    value.is_not(None),
+                    not_(func.coalesce(json_same(value, literal(NULL_VALUE)), false())),
+                )
+                problem = trait_value_problem(connection, table.c.user_id, table.c.value)
+            for source, condition in (
+                (present, where),
+                (invalid, and_(where, problem.is_not(None))),
+            ):
+                for row in connection.execute(
+                    select(owner, func.count()).where(condition).group_by(owner)
+                ):
+                    source[(row[0], from_query)] = int(row[1])
+        return present, invalid
+
+    def _subjects(self, kind: Kind, urls: Sequence[str]) -> list[Record]:
+        rows, keys, problems = self._resolved()
         destination_ids = self._destination_ids(urls)
-        m = audience_memberships
+        exits = "false" if kind is Kind.AUDIENCE else NULL_VALUE
+        s, o = state.c, outbox.c
+        held_a_value = (
+            STATE_TOLD_TRUE
+            if kind is Kind.AUDIENCE
+            else and_(s.value.is_not(None), s.value != NULL_VALUE)
+        )
         with reading(self.engine) as connection:
-            members: dict[str, int] = dict(
-                connection.execute(
-                    select(m.c.audience_id, func.count()).group_by(m.c.audience_id)
-                ).all()
-            )
-            problem = row_problem(connection, m.c.user_id, m.c.anonymous_id, m.c.email)
-            invalid: dict[str, int] = dict(
-                connection.execute(
-                    select(m.c.audience_id, func.count())
-                    .where(problem.is_not(None))
-                    .group_by(m.c.audience_id)
-                ).all()
-            )
+            present, invalid = self._current_counts(connection, kind)
             told = {
                 (row[0], row[1]): row[2]
                 for row in connection.execute(
-                    select(state.c.destination_id, state.c.audience_id, func.count())
-                    .where(STATE_TOLD_TRUE)
-                    .group_by(state.c.destination_id, state.c.audience_id)
+                    select(s.destination_id, s.audience_id, func.count())
+                    .where(s.kind == kind.value, held_a_value)
+                    .group_by(s.destination_id, s.audience_id)
                 )
             }
-            queued: dict[tuple[int, str, str, str], int] = {
-                (row[0], row[1], row[2], row[3]): row[4]
+            is_exit = o.value == exits
+            queued: dict[tuple[int, str, bool, str], int] = {
+                (row[0], row[1], bool(row[2]), row[3]): row[4]
                 for row in connection.execute(
-                    select(
-                        outbox.c.destination_id,
-                        outbox.c.audience_id,
-                        outbox.c.value,
-                        outbox.c.status,
-                        func.count(),
-                    ).group_by(
-                        outbox.c.destination_id,
-                        outbox.c.audience_id,
-                        outbox.c.value,
-                        outbox.c.status,
-                    )
+                    select(o.destination_id, o.audience_id, is_exit, o.status, func.count())
+                    .where(o.kind == kind.value)
+                    .group_by(o.destination_id, o.audience_id, is_exit, o.status)
                 )
             }
             pair_rows = {
                 (row.destination_id, row.audience_id): row
-                for row in connection.execute(select(pairs))
+                for row in connection.execute(select(pairs).where(pairs.c.kind == kind.value))
             }
             refused = {
                 row.id: row
@@ -132,27 +168,35 @@ class Inspection:
                     select(destinations).where(destinations.c.refused_status.is_not(None))
                 )
             }
+        told_name, in_name, out_name = (
+            ("told_members", "pending_entries", "pending_exits")
+            if kind is Kind.AUDIENCE
+            else ("told_values", "pending_values", "pending_nulls")
+        )
         result = []
-        for audience in self.store.audiences.load():
+        for subject_row in rows:
+            if subject_row.kind is not kind:
+                continue
+            subject = subject_row.subject
             per_url = []
             for url in urls:
                 destination = destination_ids.get(url)
-                pair = (destination, audience.audience_id)
+                pair = (destination, subject.id)
 
                 def count(
-                    value: str | None, status: ChangeStatus, pair: tuple[Any, str] = pair
+                    exit_: bool | None, status: ChangeStatus, pair: tuple[Any, str] = pair
                 ) -> int:
-                    values = ("true", "false") if value is None else (value,)
-                    return sum(queued.get((pair[0], pair[1], v, status.value), 0) for v in values)
+                    which = (False, True) if exit_ is None else (exit_,)
+                    return sum(queued.get((pair[0], pair[1], e, status.value), 0) for e in which)
 
                 row = pair_rows.get(pair)
                 refusal = refused.get(destination) if destination is not None else None
                 per_url.append(
                     {
                         "url": url,
-                        "told_members": told.get(pair, 0),
-                        "pending_entries": count("true", ChangeStatus.PENDING),
-                        "pending_exits": count("false", ChangeStatus.PENDING),
+                        told_name: told.get(pair, 0),
+                        in_name: count(False, ChangeStatus.PENDING),
+                        out_name: count(True, ChangeStatus.PENDING),
                         "rejected": count(None, ChangeStatus.REJECTED),
                         "parked": count(None, ChangeStatus.PARKED),
                         "held": row is not None and row.held_at is not None,
@@ -164,16 +208,20 @@ class Inspection:
                         "last_successful_sync": _when(None if row is None else row.last_success_at),
                     }
                 )
+            origin = (subject.id, subject_row.from_query)
             result.append(
                 {
-                    "id": audience.audience_id,
-                    "name": audience.name,
-                    "key": keys.get(audience.audience_id),
-                    "key_problem": problems.get(audience.audience_id),
-                    "enabled": audience.enabled,
+                    "id": subject.id,
+                    "name": subject_row.name,
+                    "key": keys.get(subject),
+                    "key_problem": problems.get(subject),
+                    "enabled": subject_row.enabled,
+                    "defined_by": "query" if subject_row.from_query else "table",
                     "held_for": [entry["url"] for entry in per_url if entry["held"]],
-                    "members": members.get(audience.audience_id, 0),
-                    "invalid_members": invalid.get(audience.audience_id, 0),
+                    ("members" if kind is Kind.AUDIENCE else "values"): present.get(origin, 0),
+                    ("invalid_members" if kind is Kind.AUDIENCE else "invalid_values"): (
+                        invalid.get(origin, 0)
+                    ),
                     "urls": per_url,
                 }
             )
@@ -214,8 +262,9 @@ class Inspection:
         }
 
     def user(self, user_id: str, urls: Sequence[str]) -> Record:
-        """Where one user is now, what each URL was last told about them, and any deletion."""
-        keys, _ = self._keys()
+        """Where one user is now (audiences, trait values), what each URL was last told about
+        them, and any deletion."""
+        _, keys, _ = self._resolved()
         namespace = self._namespace()
         url_of = self._url_names(urls)
         with reading(self.engine) as connection:
@@ -224,6 +273,21 @@ class Inspection:
                 .join(audience_memberships, audience_memberships.c.audience_id == audiences.c.id)
                 .where(audience_memberships.c.user_id == user_id)
                 .order_by(audiences.c.id)
+            ).all()
+            values = connection.execute(
+                select(
+                    computed_traits.c.id,
+                    computed_traits.c.name,
+                    json_text(computed_trait_values.c.value),
+                )
+                .join(
+                    computed_trait_values, computed_trait_values.c.trait_id == computed_traits.c.id
+                )
+                .where(
+                    computed_trait_values.c.user_id == user_id,
+                    computed_trait_values.c.value.is_not(None),
+                )
+                .order_by(computed_traits.c.id)
             ).all()
             told = connection.execute(
                 select(state)
@@ -258,14 +322,25 @@ class Inspection:
                 for row in deletion_rows
             ],
             "audiences": [
-                {"id": row.id, "name": row.name, "key": keys.get(row.id)} for row in current
+                {"id": row.id, "name": row.name, "key": keys.get(Subject.audience(row.id))}
+                for row in current
+            ],
+            "traits": [
+                {
+                    "id": row[0],
+                    "name": row[1],
+                    "key": keys.get(Subject.trait(row[0])),
+                    "value": row[2],
+                }
+                for row in values
             ],
             "told": [
                 {
                     "url": url_of.get(row.destination_id, f"#{row.destination_id}"),
+                    "kind": row.kind,
                     "audience_id": row.audience_id,
-                    "key": keys.get(row.audience_id),
-                    "value": None if row.value is None else row.value == "true",
+                    "key": keys.get(Subject(Kind(row.kind), row.audience_id)),
+                    "value": shown_value(row.kind, row.value),
                     "unsure": bool(row.unsure),
                     "delivered_at": _when(row.told_at),
                     "message_id": row.message_id,
@@ -275,9 +350,11 @@ class Inspection:
             "pending": [
                 {
                     "url": url_of.get(row.destination_id, f"#{row.destination_id}"),
+                    "kind": row.kind,
                     "audience_id": row.audience_id,
-                    "key": keys.get(row.audience_id),
-                    "value": row.value == "true",
+                    "key": keys.get(Subject(Kind(row.kind), row.audience_id)),
+                    "value": shown_value(row.kind, row.value),
+                    "call": row.call,
                     "status": row.status,
                     "attempts": row.attempts,
                     "last_status": row.last_status,
@@ -316,7 +393,7 @@ class Inspection:
     def failures(self, urls: Sequence[str], limit: int) -> list[Record]:
         """Changes and deletes not yet accepted after at least one try, per URL, and every
         delete owed to a URL no longer configured (nothing can deliver it until it returns)."""
-        keys, _ = self._keys()
+        _, keys, _ = self._resolved()
         url_of = self._url_names(urls)
         configured = list(self._destination_ids(urls).values())
         with reading(self.engine) as connection:
@@ -343,11 +420,12 @@ class Inspection:
         found: list[Record] = [
             {
                 "url": url_of.get(row.destination_id, f"#{row.destination_id}"),
-                "type": "identify",
+                "type": row.call,
+                "kind": row.kind,
                 "audience_id": row.audience_id,
-                "key": keys.get(row.audience_id),
+                "key": keys.get(Subject(Kind(row.kind), row.audience_id)),
                 "user_id": row.user_id,
-                "value": row.value == "true",
+                "value": shown_value(row.kind, row.value),
                 "state": "retrying" if row.status == ChangeStatus.PENDING.value else row.status,
                 "attempts": row.attempts,
                 "last_status": row.last_status,
@@ -360,6 +438,7 @@ class Inspection:
             {
                 "url": url_of.get(row.destination_id, f"#{row.destination_id}"),
                 "type": "delete",
+                "kind": None,
                 "audience_id": None,
                 "key": None,
                 "user_id": row.user_id,

@@ -66,6 +66,7 @@ class QueryStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._dialect = "postgres" if engine.dialect.name == "postgresql" else "sqlite"
 
     def refresh(self, definition: QueryDefinition) -> Snapshot:
         """Evaluate the query and replace the snapshot of its audience or trait with its rows,
@@ -84,7 +85,8 @@ class QueryStore:
         deadline = time.monotonic() + definition.timeout_seconds
         try:
             with self._reader(definition.timeout_seconds) as read:
-                columns = read(f"SELECT * FROM ({definition.query}) AS q LIMIT 0", None)
+                inner = _inner(definition, self._dialect)
+                columns = read(f"SELECT * FROM ({inner}) AS q LIMIT 0", None)
                 rows = read(self._selection(definition, columns), BATCH_ROWS)
                 connection.execute(delete(table).where(owner == subject.id))
                 insert = dialect_insert(connection, table).on_conflict_do_nothing()
@@ -149,7 +151,7 @@ class QueryStore:
             picked.append("CAST(to_json(q.value) AS TEXT)")
         else:
             picked.append("CASE WHEN q.value IS NULL THEN NULL ELSE json_quote(q.value) END")
-        return f"SELECT {', '.join(picked)} FROM ({definition.query}) AS q"
+        return f"SELECT {', '.join(picked)} FROM ({_inner(definition, self._dialect)}) AS q"
 
     @contextmanager
     def _reader(self, timeout_seconds: float) -> Iterator[Any]:
@@ -186,6 +188,22 @@ class QueryStore:
             yield read_sqlite
         finally:
             reader.close()
+
+
+def _inner(definition: QueryDefinition, dialect: str) -> str:
+    """The query as a subquery's body: cut after its last token (without the semicolon and
+    comments it may end with, which would swallow the closing parenthesis), on lines of its
+    own. Tokenized by the parser that validated it at start-up."""
+    import sqlglot
+    from sqlglot import TokenType
+
+    tokens = [
+        token
+        for token in sqlglot.tokenize(definition.query, read=dialect)
+        if token.token_type is not TokenType.SEMICOLON
+    ]
+    body = definition.query[: tokens[-1].end + 1] if tokens else definition.query
+    return "\n" + body + "\n"
 
 
 def _fetched(cursor: sqlite3.Cursor, batch: int) -> Iterator[Any]:

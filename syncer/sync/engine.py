@@ -233,12 +233,19 @@ class SyncEngine:
             if row.enabled and row.subject in resolution.keys
         ]
         if options.audience is None:
-            # Only a run over every audience looks for memberships of missing audiences.
+            # Only a run over every audience looks for rows of missing audiences and traits.
             for audience_id, count in self.store.audiences.orphan_memberships():
                 report.problems.append(
                     KeyProblem(
                         Subject.audience(audience_id),
                         f"{count} membership row(s) name no existing audience",
+                    )
+                )
+            for trait_id, count in self.store.audiences.orphan_values():
+                report.problems.append(
+                    KeyProblem(
+                        Subject.trait(trait_id),
+                        f"{count} computed_trait_values row(s) name no existing trait",
                     )
                 )
         for problem in report.problems:

@@ -50,7 +50,8 @@ Result = subprocess.CompletedProcess[str]
 
 
 def toml_value(value: Any) -> str:
-    """``value`` written as a TOML value (strings, numbers, booleans and lists of them)."""
+    """``value`` written as a TOML value (strings, numbers, booleans, and lists and inline
+    tables of them)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -59,6 +60,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)  # JSON string escapes are valid in TOML basic strings
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -74,7 +77,7 @@ def toml_text(sections: Mapping[str, Mapping[str, Any]]) -> str:
 
 def settings_sections(
     database_url: str,
-    urls: Sequence[str],
+    urls: Sequence[Any],
     *,
     secret: str | None = SECRET,
     delivery: Mapping[str, Any] | None = None,
@@ -101,7 +104,7 @@ def settings_sections(
     return sections
 
 
-def write_settings(path: Path, database_url: str, urls: Sequence[str], **options: Any) -> Path:
+def write_settings(path: Path, database_url: str, urls: Sequence[Any], **options: Any) -> Path:
     """Write a settings file for a subprocess run; return its path."""
     path.write_text(toml_text(settings_sections(database_url, urls, **options)), encoding="utf-8")
     return path

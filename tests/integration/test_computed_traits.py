@@ -6,6 +6,7 @@ namespace shared with audiences.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +16,9 @@ from syncer.core.traits import Subject
 from syncer.store import Store
 from syncer.store.sql import utcnow
 from syncer.sync import SyncEngine, SyncOptions
-from syncer.testing.tray_standin import TrayStandin
+from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, make_settings, run_sync, told_values
+from tests.integration.cli_helpers import cli, json_out, write_settings
 
 TRAIT, KEY = "tr_ltv", "lifetime_value"
 
@@ -291,3 +293,74 @@ def test_a_value_that_is_not_json_is_reported_and_skipped(
     upstream.set_values(TRAIT, {"u_bad": "2"})
     assert run_sync(store, [url]).fully_delivered
     assert identify_values(standin, "/wf") == {"u_bad": 2}
+
+
+def test_inspect_shows_traits_their_values_and_what_each_url_holds(
+    store: Store, upstream: Upstream, standin: TrayStandin, database_url: str, tmp_path: Path
+) -> None:
+    upstream.add_trait(TRAIT, "Lifetime Value")
+    upstream.add_trait("tr_orders", "Order Count")
+    upstream.set_values(TRAIT, {"u1": "1250.50", "u2": '{"tier": "gold"}', "u3": "null"})
+    upstream.set_values("tr_orders", {"u1": "3"})
+    upstream.add_audience("aud_vip", "VIP")
+    upstream.add("aud_vip", "u1")
+    urls = [standin.url("/a"), {"url": standin.url("/b"), "traits": ["order_*"]}]
+    settings = write_settings(tmp_path / "settings.toml", database_url, urls)
+    assert cli("sync", settings=settings).returncode == 0
+    upstream.set_values(TRAIT, {"u2": '{"tier": "platinum"}'})
+    standin.respond("/a", Reply(status=400))
+    assert cli("sync", settings=settings).returncode == 1
+
+    traits = {
+        r["id"]: r
+        for r in json_out(cli("inspect", "traits", "--format", "json", settings=settings))
+    }
+    ltv = traits[TRAIT]
+    assert (ltv["key"], ltv["values"], ltv["invalid_values"], ltv["defined_by"]) == (
+        KEY,
+        2,
+        0,
+        "table",
+    )
+    per_url = {entry["url"]: entry for entry in ltv["urls"]}
+    assert (per_url[standin.url("/a")]["told_values"], per_url[standin.url("/a")]["rejected"]) == (
+        2,
+        1,
+    )
+    assert per_url[standin.url("/b")]["told_values"] == 0  # routed away: never told
+    audiences = json_out(cli("inspect", "audiences", "--format", "json", settings=settings))
+    assert [a["id"] for a in audiences] == ["aud_vip"]  # traits are not audiences
+
+    user = json_out(cli("inspect", "user", "u1", "--format", "json", settings=settings))
+    assert {t["key"]: t["value"] for t in user["traits"]} == {KEY: "1250.50", "order_count": "3"}
+    told = {(t["url"], t["key"]): t["value"] for t in user["told"]}
+    assert told[standin.url("/a"), KEY] == "1250.50"  # the text sent, digit for digit
+    assert told[standin.url("/a"), "vip"] is True
+    failures = json_out(cli("inspect", "failures", "--format", "json", settings=settings))
+    assert [(f["kind"], f["user_id"], f["value"]) for f in failures] == [
+        ("trait", "u2", '{"tier": "platinum"}')
+    ]
+    table = cli("inspect", "traits", settings=settings)
+    assert (
+        table.returncode == 0
+        and "lifetime_value" in table.stdout
+        and "PENDING NULL" in table.stdout
+    )
+
+
+def test_values_of_a_trait_that_does_not_exist_are_reported(
+    store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL enforces the foreign key: such rows cannot exist")
+    upstream.add_trait(TRAIT, "Lifetime Value")
+    upstream.set_values(TRAIT, {"u1": "1"})
+    upstream.set_values("tr_gone", {"u1": "2", "u2": "3"})
+
+    report = run_sync(store, [standin.url("/wf")])
+
+    reasons = {problem.subject: problem.reason for problem in report.problems}
+    assert reasons == {
+        Subject.trait("tr_gone"): "2 computed_trait_values row(s) name no existing trait"
+    }
+    assert identify_values(standin, "/wf") == {"u1": 1}

@@ -68,9 +68,11 @@ def add_order(store: Store, order_id: int, user: str, amount: str, days_ago: flo
 
 
 def recent_buyers(store: Store) -> str:
+    # As people write queries in a settings file: over lines, a comment last, a semicolon.
     return (
-        "SELECT user_id, max(email) AS email FROM orders "
-        f"WHERE completed_at >= {WINDOW[dialect(store)]} GROUP BY user_id"
+        "SELECT user_id, max(email) AS email FROM orders\n"
+        f"WHERE completed_at >= {WINDOW[dialect(store)]}\n"
+        "GROUP BY user_id;  -- the last 30 days, on the database's clock\n"
     )
 
 

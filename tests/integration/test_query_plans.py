@@ -676,9 +676,9 @@ CASES = [
         hidden_steps=(
             (
                 "the step of the loose index scan",
-                "SELECT min(m.audience_id) FROM audience_memberships m "
-                "WHERE m.audience_id > ids.audience_id",
-                "ids.audience_id",
+                "SELECT min(t.audience_id) FROM audience_memberships t "
+                "WHERE t.audience_id > ids.id",
+                "ids.id",
             ),
         ),
     ),

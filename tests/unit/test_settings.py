@@ -9,7 +9,7 @@ import pytest
 
 from syncer.core.states import Call
 from syncer.errors import ConfigError
-from syncer.settings import DATABASE_URL_ENV, SECRET_ENV, settings_from_mapping
+from syncer.settings import DATABASE_URL_ENV, SECRET_ENV, select_problem, settings_from_mapping
 
 SOURCE = "settings.toml"
 BASE = Path("/tmp")
@@ -326,3 +326,40 @@ def test_send_names_the_call(send: str) -> None:
     )
     assert settings.tray.workflow(URL).send is Call.IDENTIFY
     assert settings.tray.workflow("https://b.example/").send is Call(send)
+
+
+@pytest.mark.parametrize(
+    ("query", "dialect", "problem"),
+    [
+        ("SELECT user_id FROM orders", "sqlite", None),
+        ("select user_id, email from orders where x > 1;", "postgres", None),
+        ("SELECT user_id FROM orders; -- the last statement", "sqlite", None),
+        ("WITH recent AS (SELECT * FROM orders) SELECT user_id FROM recent", "postgres", None),
+        ("SELECT a AS user_id FROM t UNION SELECT b FROM u", "postgres", None),
+        ("SELECT user_id FROM t WHERE ts > now() - interval '30 days'", "postgres", None),
+        ("DELETE FROM orders", "sqlite", "must be a SELECT, not DELETE"),
+        ("UPDATE orders SET x = 1", "postgres", "must be a SELECT, not UPDATE"),
+        ("SELECT 1; SELECT 2", "sqlite", "must be one SELECT statement, not 2"),
+        ("", "sqlite", "must be one SELECT statement, not 0"),
+        ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", "postgres", "contains DELETE"),
+        ("SELECT * INTO copy FROM orders", "postgres", "SELECT ... INTO"),
+        ("SELECT user_id FROM orders FOR UPDATE", "postgres", "locks rows"),
+        ("SELECT (", "sqlite", "is not valid SQL"),
+    ],
+)
+def test_select_problem(query: str, dialect: str, problem: str | None) -> None:
+    found = select_problem(query, dialect)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_a_query_defined_audience_is_checked_in_the_dialect_of_the_database() -> None:
+    entry = {"id": "a", "name": "A", "query": "SELECT user_id FROM t WHERE x::int > 1"}
+    settings = settings_from_mapping(
+        valid(database={"url": "postgresql://u@h/db"}, audiences=[entry]), SOURCE, BASE
+    )
+    assert [a.id for a in settings.audiences] == ["a"]
+    with pytest.raises(ConfigError, match=r"audiences\[1\]\.id|id 'a' is defined twice"):
+        settings_from_mapping(valid(audiences=[entry, entry]), SOURCE, BASE)
