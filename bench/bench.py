@@ -964,6 +964,121 @@ def no_change_pairs(ctx: Context) -> None:
     )
 
 
+TRAITS = 2
+
+
+def trait_value(n: int, version: int = 0) -> str:
+    """A JSON value as upstream might store it: numbers with cents, and small objects."""
+    if n % 2:
+        return f"{(n * 37 + version) % 100_000}.{n % 100:02d}"
+    return f'{{"tier": "t{(n + version) % 5}", "orders": [{n % 7}, {version}]}}'
+
+
+def load_traits(path: Path, per_trait: int) -> None:
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            connection.executemany(
+                "INSERT INTO computed_traits (id, name) VALUES (?, ?)",
+                [(f"tr{t}", f"Trait {t}") for t in range(TRAITS)],
+            )
+            connection.executemany(
+                "INSERT INTO computed_trait_values (trait_id, user_id, value) VALUES (?, ?, ?)",
+                (
+                    (f"tr{t}", user_id(n), trait_value(n))
+                    for t in range(TRAITS)
+                    for n in range(per_trait)
+                ),
+            )
+    finally:
+        connection.close()
+
+
+def change_traits(path: Path, per_trait: int, share: float) -> int:
+    """Give ``share`` of the values a new value, and rewrite as many in another spelling of the
+    same value (no change by JSON equality); return how many changed."""
+    step = round(1 / share)
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            changed = connection.executemany(
+                "UPDATE computed_trait_values SET value = ? WHERE trait_id = ? AND user_id = ?",
+                (
+                    (trait_value(n, version=1), f"tr{t}", user_id(n))
+                    for t in range(TRAITS)
+                    for n in range(0, per_trait, step)
+                ),
+            ).rowcount
+            connection.executemany(
+                "UPDATE computed_trait_values SET value = ? WHERE trait_id = ? AND user_id = ?",
+                (
+                    (trait_value(n).replace(", ", ",") + " ", f"tr{t}", user_id(n))
+                    for t in range(TRAITS)
+                    for n in range(2, per_trait, step)
+                ),
+            )
+    finally:
+        connection.close()
+    return changed
+
+
+def traits_sqlite(ctx: Context) -> None:
+    """Computed traits on SQLite: a first sync against the raw client, then a run with
+    nothing changed, then one with 1% of the values changed (and as many respelled)."""
+    sink = ctx.need_fast()
+    per_trait = ctx.size(100_000)
+    settings, database = prepare(ctx, "traits", "sqlite", Layout(0, 0), [sink.url("/wf0")])
+    assert database is not None
+    load_traits(database, per_trait)
+    total = TRAITS * per_trait
+    log(f"  traits: loaded {total:,} values over {TRAITS} traits")
+    bracket = ctx.pick(50_000, 10_000)
+    raw_before = raw_client_rate(ctx, bracket, "just before traits")
+    before = sink.request_count()
+    wall, (first,) = run_syncers(ctx, settings)
+    received = sink.request_count() - before
+    raw = bracketing_raw_rate(ctx, raw_before, raw_client_rate(ctx, bracket, "just after traits"))
+    problems = problems_of([first])
+    if received != total:
+        problems.append(f"sink got {received:,} of {total:,}")
+    before = sink.request_count()
+    idle_wall, idle = run_syncers(ctx, settings)
+    idle_received = sink.request_count() - before
+    if idle_received:
+        problems.append(f"a run with nothing changed sent {idle_received:,}")
+    changes = change_traits(database, per_trait, 0.01)
+    before = sink.request_count()
+    churn_wall, churn = run_syncers(ctx, settings)
+    churn_received = sink.request_count() - before
+    if churn_received != changes:
+        problems.append(f"sink got {churn_received:,} of {changes:,} changed values")
+    problems += problems_of(idle + churn)
+    rate = received / wall
+    log(
+        f"  traits: first {received:,} in {wall:.1f} s = {rate:,.0f}/s, peak RSS "
+        f"{first.peak_rss_mb:.0f} MB; no change {idle_wall:.2f} s; 1% changed "
+        f"({churn_received:,} sent) {churn_wall:.2f} s"
+    )
+    measured = (
+        f"{rate:,.0f} ev/s ({received:,} values in {wall:.1f} s, peak RSS "
+        f"{first.peak_rss_mb:.0f} MB); no change {idle_wall:.2f} s; 1% changed "
+        f"{churn_wall:.2f} s ({churn_received:,} sent)"
+    )
+    if raw is None:
+        ctx.rows.append(Row("traits_sqlite", measured, ">= 0.50 x raw", "-", "n/a (no raw)"))
+        return
+    ratio = rate / raw
+    ctx.rows.append(
+        Row(
+            "traits_sqlite",
+            measured,
+            f">= 0.50 x raw around it ({0.5 * raw:,.0f} ev/s)",
+            f"{ratio:.2f}",
+            verdict(ratio >= 0.5, problems),
+        )
+    )
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "first_sync_sqlite": first_sync_sqlite,
     "churn_1pct": churn_1pct,
@@ -973,6 +1088,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "two_workers_postgres": two_workers_postgres,
     "pacing": pacing,
     "no_change_pairs": no_change_pairs,
+    "traits_sqlite": traits_sqlite,
 }
 NEED_FIRST_SQLITE = {"churn_1pct", "rss_growth"}
 NEED_POSTGRES = {"first_sync_postgres", "two_workers_postgres"}
@@ -982,8 +1098,9 @@ NEED_FAST_SINK = {
     "rss_growth",
     "first_sync_postgres",
     "no_change_pairs",
+    "traits_sqlite",
 }
-NEED_RAW = {"first_sync_sqlite", "first_sync_postgres"}
+NEED_RAW = {"first_sync_sqlite", "first_sync_postgres", "traits_sqlite"}
 
 
 def run_scenario(ctx: Context, name: str) -> None:
