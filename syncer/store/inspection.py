@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, func, literal, not_, or_, select, true
+from sqlalchemy import ColumnElement, and_, func, not_, or_, select, true
 
 from syncer.core.diff import NULL_VALUE
 from syncer.core.payload import message_id
@@ -36,7 +36,7 @@ from syncer.store.schema import (
     runs,
     state,
 )
-from syncer.store.sql import json_same, json_text, reading, row_problem
+from syncer.store.sql import is_json_null, json_text, reading, row_problem
 from syncer.store.trait_planning import trait_value_problem
 
 Record = dict[str, Any]
@@ -116,7 +116,7 @@ class Inspection:
                 value = json_text(table.c.value)
                 where = and_(
                     value.is_not(None),
-                    not_(func.coalesce(json_same(value, literal(NULL_VALUE)), false())),
+                    not_(is_json_null(value)),
                 )
                 problem = trait_value_problem(connection, table.c.user_id, table.c.value)
             for source, condition in (

@@ -50,7 +50,7 @@ from syncer.store.schema import (
     query_values,
     state,
 )
-from syncer.store.sql import json_same, json_text, reading, writing
+from syncer.store.sql import json_text, reading, same_json, writing
 
 _m = audience_memberships
 
@@ -126,7 +126,7 @@ def _claimable(kind: Kind, from_query: bool) -> Any:
     else:
         v = current = query_values if from_query else _v
         joined = and_(v.c.trait_id == bindparam("audience_id"), v.c.user_id == _o.user_id)
-        wanted = json_same(_o.value, func.coalesce(json_text(v.c.value), NULL_VALUE))
+        wanted = same_json(_o.value, func.coalesce(json_text(v.c.value), NULL_VALUE))
     return (
         select(_o.id)
         .select_from(

@@ -23,7 +23,9 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    false,
     func,
+    literal,
     literal_column,
     or_,
 )
@@ -95,6 +97,21 @@ def _json_same_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
 def _json_same_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
     one, other = (compiler.process(arg, **kw) for arg in element.clauses)
     return f"(syncer_json_key({one}) = syncer_json_key({other}))"
+
+
+def same_json(one: Any, other: Any) -> ColumnElement[bool]:
+    """``one`` and ``other`` hold JSON-equal values (false, not NULL, when either is NULL or
+    not JSON). Equal texts are equal values: only texts that differ are parsed and compared,
+    which on SQLite means a call into Python."""
+    return or_(one == other, func.coalesce(json_same(one, other), false()))
+
+
+def is_json_null(value: Any) -> ColumnElement[bool]:
+    """``value`` is JSON ``null`` (in any spacing). Only a text with "null" in it is parsed."""
+    return and_(
+        value.contains("null", autoescape=True),
+        func.coalesce(json_same(value, literal("null", Text)), false()),
+    )
 
 
 class json_text(FunctionElement[str]):

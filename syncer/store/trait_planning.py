@@ -49,7 +49,7 @@ from syncer.store.planning import (
     start_plan,
 )
 from syncer.store.schema import OUTBOX_MAYBE_PROCESSED, outbox, state
-from syncer.store.sql import json_same, json_text, row_problem
+from syncer.store.sql import is_json_null, json_text, row_problem, same_json
 
 NOT_JSON = "value is not JSON"
 
@@ -69,9 +69,7 @@ def trait_value_problem(connection: Connection, user_id: Any, value: Any) -> Col
 
 def _holds_a_value(value: Any) -> ColumnElement[bool]:
     # SQL NULL and JSON null are no value; text that is not JSON is one (an invalid one).
-    return and_(
-        value.is_not(None), not_(func.coalesce(json_same(value, literal(NULL_VALUE)), false()))
-    )
+    return and_(value.is_not(None), not_(is_json_null(value)))
 
 
 def _told_a_value() -> ColumnElement[bool]:
@@ -105,7 +103,7 @@ class _Trait:
             self.row(user),
             _holds_a_value(self.value),
             self.problem.is_(None),
-            func.coalesce(json_same(self.value, value), false()),
+            same_json(self.value, value),
         )
 
     def certainly_told(self, user: Any, value: Any) -> ColumnElement[bool]:
@@ -114,7 +112,7 @@ class _Trait:
             self.pair.state_rows(),
             state.c.user_id == user,
             state.c.unsure == false(),
-            func.coalesce(json_same(state.c.value, value), false()),
+            same_json(state.c.value, value),
         )
 
     def may_hold_a_value(self, user: Any) -> ColumnElement[bool]:
