@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -85,6 +85,13 @@ class QueryStore:
         deadline = time.monotonic() + definition.timeout_seconds
         try:
             with self._reader(definition.timeout_seconds) as read:
+                if connection.dialect.name == "postgresql":
+                    # Two workers refreshing one snapshot take turns: each replaces the other's
+                    # rows whole, instead of each keeping the rows the other inserted.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(hashtext(:owner))"),
+                        {"owner": f"syncer_query:{subject.kind.value}:{subject.id}"},
+                    )
                 inner = _inner(definition, self._dialect)
                 columns = read(f"SELECT * FROM ({inner}) AS q LIMIT 0", None)
                 rows = read(self._selection(definition, columns), BATCH_ROWS)

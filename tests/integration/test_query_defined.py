@@ -7,6 +7,7 @@ it is not one SELECT, and refused in both places when their id is also an input 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from syncer.store.queries import QueryDefinition, QueryFailed
 from syncer.sync import SyncEngine, SyncOptions, SyncReport, query_defined
 from syncer.testing.tray_standin import TrayStandin
 from tests.conftest import Upstream, make_settings
-from tests.integration.cli_helpers import cli, settings_sections, toml_text
+from tests.integration.cli_helpers import cli, settings_sections, toml_text, wait_until
 
 KEY = "order_completed_last_30days"
 # The window is the database's own clock: members drift out as time passes, with no upstream job.
@@ -298,3 +299,40 @@ def test_the_engine_reads_settings_defined_traits_and_audiences(store: Store) ->
         (Kind.AUDIENCE, "sql_recent_buyers", True),
         (Kind.TRAIT, "t", True),
     ]
+
+
+def test_two_workers_refreshing_one_snapshot_take_turns(store: Store) -> None:
+    if dialect(store) != "postgresql":
+        pytest.skip("SQLite's single writer already serializes the refreshes")
+    subject = Subject.audience("sql_shared")
+    slow = QueryDefinition(
+        subject,
+        "WITH pause AS (SELECT pg_sleep(1.5)) "
+        "SELECT 'u' || g AS user_id FROM generate_series(1, 2) AS g, pause",
+        30,
+    )
+    later = QueryDefinition(subject, "SELECT 'u3' AS user_id", 30)
+    first = threading.Thread(target=store.queries.refresh, args=(slow,))
+    first.start()
+    # Once the first worker's query is running, the second one evaluates its own.
+    wait_until(lambda: sleeping(store), 10, "the first query to start")
+    store.queries.refresh(later)
+    first.join(30)
+    with store.engine.connect() as connection:
+        users = connection.execute(
+            text("SELECT user_id FROM syncer_query_members WHERE audience_id = 'sql_shared'")
+        ).scalars()
+        # The second replaced the first's rows whole: not a union of the two evaluations.
+        assert sorted(users) == ["u3"]
+
+
+def sleeping(store: Store) -> bool:
+    with store.engine.connect() as connection:
+        return bool(
+            connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event = 'PgSleep' AND datname = current_database()"
+                )
+            ).scalar()
+        )
