@@ -232,6 +232,8 @@ _OUTBOX_COLUMNS = [
 
 
 def new_change(pair: Pair, value: str, forced: bool, now: datetime) -> list[Any]:
+    """The literal columns of a new change of the pair (all but user, identity and value's
+    place, which the caller interleaves in the outbox's column order)."""
     return [
         literal(pair.destination_id, Integer),
         literal(pair.audience_id, Text),
@@ -248,6 +250,8 @@ def new_change(pair: Pair, value: str, forced: bool, now: datetime) -> list[Any]
 
 
 def insert_changes(connection: Connection, select_: Any) -> int:
+    """Insert the changes ``select_`` yields (the outbox's columns, in planning's order);
+    return how many."""
     counted = connection.execution_options(preserve_rowcount=True)
     postgresql = connection.dialect.name == "postgresql"
     if postgresql:
@@ -264,6 +268,7 @@ def insert_changes(connection: Connection, select_: Any) -> int:
 
 
 def ensure_pair(pair: Pair) -> None:
+    """Create the pair's row if it has none yet."""
     # Outside the plan's savepoint: a hold must find the row even when the plan is undone.
     pair.connection.execute(
         dialect_insert(pair.connection, pairs)
