@@ -8,8 +8,9 @@ from before this migration are audiences'. On PostgreSQL `syncer_exchange` takes
 the pair it claims for, returns it with each recorded change, and checks a trait's change
 against the trait's current value (by jsonb equality) where an audience's is checked against
 membership. `syncer_query_members` and `syncer_query_values` keep what the queries of audiences
-and traits defined in the settings returned at their last evaluation. A change a URL is sent both ways (identify and track) records the call the URL has
-accepted (`done_call`) until it has accepted both; `syncer_exchange` returns it.
+and traits defined in the settings returned at their last evaluation. A change a URL is sent
+both ways (identify and track) records the call the URL has accepted (`done_call`) until it has
+accepted both; `syncer_exchange` returns it.
 
 Revision ID: 0009
 Revises: 0008
