@@ -66,8 +66,7 @@ _CHANGES = [
     ),
     (
         "o.anonymous_id, o.email, o.created_at, o.call\n",
-        "o.anonymous_id, o.email, o.created_at, o.call,\n"
-        "                  o.done_call\n",
+        "o.anonymous_id, o.email, o.created_at, o.call,\n                  o.done_call\n",
     ),
     (
         "           c.created_at, c.call\n    FROM claimed c",
