@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any
 import click
 import structlog
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -113,6 +123,30 @@ def migrate_command(app: App) -> None:
         click.echo(f"{where}: schema migrated from {before or 'nothing'} to revision {after}")
 
 
+class _RateColumn(ProgressColumn):
+    """Changes per second, over the last seconds while running, overall once finished."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-/s" if speed is None else f"{speed:,.0f}/s")
+
+
+def _bars() -> Progress:
+    """One bar per URL on standard error: done/total, rate, time left and time taken. Log lines
+    are printed above the bars (see syncer.logs), and the bars stay once the run is over."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
 class _BarProgress:
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
@@ -130,6 +164,14 @@ class _BarProgress:
 
     def advanced(self, url: str, changes: int) -> None:
         self._progress.advance(self._task(url), changes)
+
+    def finish(self, report: SyncReport) -> None:
+        """End the bar of each URL left with nothing owed at 100%: changes planned once and
+        settled by a second plan in the run count twice in the total."""
+        for url, task in self._tasks.items():
+            pairs = [pair for pair in report.pairs if pair.url == url]
+            if all(pair.state is PairState.DONE and not pair.pending for pair in pairs):
+                self._progress.update(task, completed=self._progress.tasks[task].total)
 
 
 def _print_summary(report: SyncReport) -> None:
@@ -212,15 +254,10 @@ def sync_command(
             _dry_run(engine, options)
             return
         if sys.stderr.isatty():
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            ) as bar:
-                report = engine.run(options, progress=_BarProgress(bar))
+            with _bars() as bar:
+                bars = _BarProgress(bar)
+                report = engine.run(options, progress=bars)
+                bars.finish(report)
         else:
             report = engine.run(options)
     finally:

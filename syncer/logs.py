@@ -31,8 +31,33 @@ class LibraryTracebacksOnOneLine(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Set up structlog, and route the standard logging module through it."""
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when the handler was
+    made: while a progress display is on screen, rich puts a proxy there that prints each line
+    above the bars instead of into them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _print_logger(*_args: object) -> structlog.PrintLogger:
+    # Made for each message (loggers are not cached): the current stderr, as above.
+    return structlog.PrintLogger(file=sys.stderr)
+
+
+def resolve_format(fmt: str | None) -> str:
+    """The log format to use: as set, or, when unset, ``console`` for a person at a terminal
+    and ``json`` for anything else (a file, a pipe, a log shipper)."""
+    if fmt is not None:
+        return fmt
+    return "console" if sys.stderr.isatty() else "json"
+
+
+def configure_logging(level: str = "INFO", fmt: str | None = None) -> None:
+    """Set up structlog, and route the standard logging module through it. ``fmt``: "json",
+    "console", or None for :func:`resolve_format`'s choice."""
+    fmt = resolve_format(fmt)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -46,10 +71,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_print_logger,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

@@ -264,7 +264,8 @@ class LoggingSettings(_Section):
     """How the syncer writes its logs (to standard error)."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["json", "console"] = "json"
+    # Unset: "console" when standard error is a terminal, "json" otherwise.
+    format: Literal["json", "console"] | None = None
 
 
 class QueryDefinedSettings(_Section):
