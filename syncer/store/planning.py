@@ -505,8 +505,8 @@ class PlanStore:
         *,
         resend_on_identity_change: bool = False,
     ) -> set[tuple[int, str]]:
-        """The (URL, audience) pairs a run must plan (audiences only: every computed trait's
-        pair is planned), found in a few set-based statements over
+        """The (URL, audience) pairs a run must plan (of table-defined audiences; traits have
+        :meth:`trait_pairs_with_work`), found in a few set-based statements over
         every pair at once: those with changes queued or rejected, those held, those with a
         member the URL is not certainly told about, and those the URL may believe holds a user
         who is no longer a member. Every other pair has nothing to do; planning it would
@@ -578,6 +578,16 @@ class PlanStore:
             for statement in (queued, held, *changed):
                 found.update((int(row[0]), str(row[1])) for row in connection.execute(statement))
             return found
+
+    def trait_pairs_with_work(
+        self, destination_ids: list[int], trait_ids: list[str]
+    ) -> set[tuple[int, str]]:
+        """:meth:`pairs_with_work` for table-defined computed traits (see
+        :func:`syncer.store.trait_planning.trait_pairs_with_work`)."""
+        from syncer.store.trait_planning import trait_pairs_with_work
+
+        with reading(self.engine) as connection:
+            return trait_pairs_with_work(connection, destination_ids, trait_ids)
 
     def plan(
         self,

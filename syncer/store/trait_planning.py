@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 
 from syncer.core.diff import NULL_VALUE
 from syncer.core.guard import GuardLimits, guard_verdict
-from syncer.core.states import ChangeStatus
+from syncer.core.states import ChangeStatus, Kind
 from syncer.store.planning import (
     Held,
     Pair,
@@ -48,7 +48,16 @@ from syncer.store.planning import (
     mark_dropped_as_doubtful,
     start_plan,
 )
-from syncer.store.schema import OUTBOX_MAYBE_PROCESSED, outbox, state
+from syncer.store.schema import (
+    OUTBOX_MAYBE_PROCESSED,
+    computed_trait_values,
+    computed_traits,
+    deleted_users,
+    destinations,
+    outbox,
+    pairs,
+    state,
+)
 from syncer.store.sql import is_json_null, json_text, row_problem, same_json
 
 NOT_JSON = "value is not JSON"
@@ -283,3 +292,75 @@ def plan_trait_in(
         invalid_example=example,
         approved=approved and verdict.hold,
     )
+
+
+def trait_pairs_with_work(
+    connection: Connection, destination_ids: list[int], trait_ids: list[str]
+) -> set[tuple[int, str]]:
+    """The (URL, trait) pairs a run must plan, found in a few set-based statements over every
+    pair at once: those with changes queued or rejected, those held, those with a value whose
+    text is not the one the URL certainly holds, and those whose URL may hold a value the trait
+    no longer has. Texts, not values, are compared: a value spelled anew is planned (and the
+    plan, by JSON equality, sends nothing); every other pair has nothing to do."""
+    if not destination_ids or not trait_ids:
+        return set()
+    o, s, d, v = outbox.c, state.c, destinations.c, computed_trait_values.c
+    trait = Kind.TRAIT.value
+    queued = (
+        select(o.destination_id, o.audience_id)
+        .where(
+            o.destination_id.in_(destination_ids),
+            o.audience_id.in_(trait_ids),
+            o.kind == trait,
+            o.status.in_([ChangeStatus.PENDING.value, ChangeStatus.REJECTED.value]),
+        )
+        .distinct()
+    )
+    held = select(pairs.c.destination_id, pairs.c.audience_id).where(
+        pairs.c.destination_id.in_(destination_ids),
+        pairs.c.audience_id.in_(trait_ids),
+        pairs.c.kind == trait,
+        pairs.c.held_at.is_not(None),
+    )
+    value = json_text(v.value)
+    told = (
+        exists()
+        .where(
+            s.destination_id == d.id,
+            s.audience_id == v.trait_id,
+            s.kind == trait,
+            s.user_id == v.user_id,
+            s.unsure == false(),
+            s.value == value,
+        )
+        .correlate_except(state)
+    )
+    new_value = exists().where(
+        v.trait_id == computed_traits.c.id,
+        _holds_a_value(value),
+        not_(told),
+        not_(exists().where(deleted_users.c.user_id == v.user_id)),
+    )
+    current = computed_trait_values.alias("current")
+    gone_value = exists().where(
+        s.destination_id == d.id,
+        s.audience_id == computed_traits.c.id,
+        s.kind == trait,
+        or_(_told_a_value(), s.unsure == true()),
+        not_(
+            exists().where(
+                current.c.trait_id == s.audience_id,
+                current.c.user_id == s.user_id,
+                _holds_a_value(json_text(current.c.value)),
+            )
+        ),
+    )
+    every_pair = (
+        select(d.id, computed_traits.c.id)
+        .select_from(destinations.join(computed_traits, true()))
+        .where(d.id.in_(destination_ids), computed_traits.c.id.in_(trait_ids))
+    )
+    found: set[tuple[int, str]] = set()
+    for statement in (queued, held, every_pair.where(gone_value), every_pair.where(new_value)):
+        found.update((int(row[0]), str(row[1])) for row in connection.execute(statement))
+    return found

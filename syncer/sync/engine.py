@@ -136,6 +136,10 @@ def _definition(row: AudienceRow) -> QueryDefinition:
     return QueryDefinition(row.subject, row.query, row.timeout_seconds)
 
 
+def _table_defined(rows: list[tuple[AudienceRow, str]], kind: Kind) -> list[AudienceRow]:
+    return [row for row, _ in rows if row.kind is kind and not row.from_query]
+
+
 def _refresh_in(store: Store, definition: QueryDefinition, connection: Connection) -> None:
     store.queries.refresh_in(connection, definition)
 
@@ -365,20 +369,24 @@ class SyncEngine:
                 hint="configure the URL again, or `syncer forget-url URL --yes`",
             )
         # Only pairs with something to do are planned and sent: found for every pair at once.
-        with_work = None
+        with_work: set[tuple[int, Subject]] | None = None
         if not options.full:
-            with_work = await context.db(
+            wanted = [destination_ids[url] for url in urls]
+            audience_work = await context.db(
                 partial(
                     store.planning.pairs_with_work,
                     resend_on_identity_change=self.settings.engage.resend_on_identity_change,
                 ),
-                [destination_ids[url] for url in urls],
-                [
-                    row.audience_id
-                    for row, _ in locked
-                    if row.kind is Kind.AUDIENCE and not row.from_query
-                ],
+                wanted,
+                [row.audience_id for row in _table_defined(locked, Kind.AUDIENCE)],
             )
+            trait_work = await context.db(
+                store.planning.trait_pairs_with_work,
+                wanted,
+                [row.audience_id for row in _table_defined(locked, Kind.TRAIT)],
+            )
+            with_work = {(d, Subject.audience(a)) for d, a in audience_work}
+            with_work |= {(d, Subject.trait(t)) for d, t in trait_work}
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
         report.run_id = run_id
         transports = {url: self._transport_factory() for url in urls}
@@ -481,7 +489,7 @@ class SyncEngine:
         audiences: list[tuple[AudienceRow, str]],
         options: SyncOptions,
         progress: Progress,
-        with_work: set[tuple[int, str]] | None,
+        with_work: set[tuple[int, Subject]] | None,
     ) -> tuple[DeletionReport, list[PairReport]]:
         context, store = self.context, self.store
         deletion_report = await deliver_deletions(context, sender, destination_id)
@@ -494,14 +502,16 @@ class SyncEngine:
         for row, key in audiences:
             if not route.takes(row.kind, key):
                 continue
-            # Only audiences are looked over for work first: every trait's pair is planned.
+            # Table-defined audiences and traits are looked over for work first; one defined by
+            # a query is planned every run (its snapshot was just taken).
             if (
                 with_work is not None
-                and row.kind is Kind.AUDIENCE
                 and not row.from_query
-                and (destination_id, row.audience_id) not in with_work
+                and (destination_id, row.subject) not in with_work
             ):
-                reports.append(PairReport(url=sender.url, audience_id=row.audience_id, key=key))
+                reports.append(
+                    PairReport(url=sender.url, audience_id=row.audience_id, key=key, kind=row.kind)
+                )
                 idle.append(row.subject)
             else:
                 busy.append((row, key))
