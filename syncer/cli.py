@@ -342,7 +342,7 @@ def retry_command(app: App, url: str | None, audience: str | None) -> None:
     destination_ids = None if url is None else _configured_destination(app, store, url)
     subject = None
     if audience is not None:
-        subject = _find(app, store, audience)
+        subject = _find(app, store, audience, "--audience")
         if subject is None:
             raise ConfigError(
                 f"--audience: no audience or computed trait has the id or key {audience!r}"
@@ -351,11 +351,11 @@ def retry_command(app: App, url: str | None, audience: str | None) -> None:
     click.echo(f"{count} change(s) re-queued; they are sent on the next run")
 
 
-def _find(app: App, store: Store, wanted: str) -> Subject | None:
+def _find(app: App, store: Store, wanted: str, option: str) -> Subject | None:
     """The audience or trait (of the input tables or the settings) named by id or key."""
     from syncer.sync import query_defined
 
-    return store.audiences.find(wanted, query_defined(app.settings))
+    return store.audiences.find(wanted, query_defined(app.settings), option)
 
 
 def _configured_destination(app: App, store: Store, url: str) -> list[int]:
@@ -383,7 +383,7 @@ def approve_command(app: App, audience: str, url: str | None) -> None:
     with --url for that one.
     """
     store = app.store()
-    subject = _find(app, store, audience)
+    subject = _find(app, store, audience, "AUDIENCE")
     if subject is None:
         raise ConfigError(f"AUDIENCE: no audience or computed trait has the id or key {audience!r}")
     destination_ids = None if url is None else _configured_destination(app, store, url)

@@ -67,6 +67,26 @@ def _distinct_ids(table: str, column: str) -> Any:
     ).columns(literal_column("id"))
 
 
+def named_row(
+    rows: Sequence[AudienceRow], keys: Mapping[Subject, str], wanted: str, option: str
+) -> AudienceRow | None:
+    """The audience or trait whose id, trait key or ``key`` column is ``wanted``, or None. A key
+    comes first: an audience and a trait may share an id, never a key. Raises ConfigError,
+    naming ``option`` (the argument that gave ``wanted``), when ``wanted`` is only the id of
+    both an audience and a trait."""
+    named: dict[Subject, AudienceRow] = {}
+    for row in rows:
+        if row.is_named(wanted, keys):
+            named.setdefault(row.subject, row)
+    by_key = [row for subject, row in named.items() if keys.get(subject) == wanted]
+    if len(by_key) == 1:
+        return by_key[0]
+    if len(named) > 1:
+        both = " and ".join(str(subject) for subject in sorted(named))
+        raise ConfigError(f"{option}: {wanted!r} names {both}: give its key instead")
+    return next(iter(named.values()), None)
+
+
 class AudienceStore:
     """Reads the audiences upstream defines, and locks the key each is synced under."""
 
@@ -124,21 +144,14 @@ class AudienceStore:
             )
         return rows, resolution
 
-    def find(self, wanted: str, defined: Sequence[AudienceRow] = ()) -> Subject | None:
-        """The audience or trait whose id, locked key or ``key`` column is ``wanted`` (of the
-        input tables and ``defined`` in the settings).
-
-        Raises ConfigError when ``wanted`` is the id of both an audience and a trait (their
-        keys tell them apart)."""
+    def find(
+        self, wanted: str, defined: Sequence[AudienceRow] = (), option: str = "AUDIENCE"
+    ) -> Subject | None:
+        """The audience or trait named ``wanted`` (:func:`named_row`), of the input tables and
+        ``defined`` in the settings."""
         rows, resolution = self.with_keys(defined)
-        named = sorted({row.subject for row in rows if row.is_named(wanted, resolution.keys)})
-        by_key = [subject for subject in named if resolution.keys.get(subject) == wanted]
-        if len(by_key) == 1:
-            return by_key[0]
-        if len(named) > 1:
-            both = " and ".join(str(subject) for subject in named)
-            raise ConfigError(f"{wanted!r} names {both}: give its key instead")
-        return named[0] if named else None
+        row = named_row(rows, resolution.keys, wanted, option)
+        return None if row is None else row.subject
 
     def lock_keys(self, keys: dict[Subject, str], now: datetime) -> set[Subject]:
         """Record that each audience or trait syncs under its key from now on, in one

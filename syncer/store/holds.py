@@ -55,13 +55,10 @@ class HoldStore:
         ]
 
     def approve(
-        self, subject: Subject | str, destination_ids: Sequence[int] | None, now: datetime
+        self, subject: Subject, destination_ids: Sequence[int] | None, now: datetime
     ) -> int:
         """Let the held exits of an audience (or the held nulls of a trait), for the given URLs
-        or all, go out on the next run; return how many held pairs were approved. A plain id
-        names an audience."""
-        if isinstance(subject, str):
-            subject = Subject.audience(subject)
+        or all, go out on the next run; return how many held pairs were approved."""
         statement = update(pairs).where(
             pairs.c.audience_id == subject.id,
             pairs.c.kind == subject.kind.value,

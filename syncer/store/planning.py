@@ -231,13 +231,26 @@ _OUTBOX_COLUMNS = [
 ]  # fmt: skip
 
 
-def new_change(pair: Pair, value: str, forced: bool, now: datetime) -> list[Any]:
-    """The literal columns of a new change of the pair (all but user, identity and value's
-    place, which the caller interleaves in the outbox's column order)."""
+def change_columns(
+    pair: Pair,
+    *,
+    user: Any,
+    value: Any,
+    forced: bool,
+    now: datetime,
+    anonymous_id: Any = None,
+    email: Any = None,
+) -> list[Any]:
+    """The columns of a new change of the pair, in the outbox's order (``insert_changes``):
+    ``user``, ``anonymous_id`` and ``email`` are columns of the rows the change is made from
+    (no identity: NULL); ``value`` is a column, or a text taken as it is."""
     return [
         literal(pair.destination_id, Integer),
         literal(pair.audience_id, Text),
-        literal(value, Text),
+        user,
+        literal(value, Text) if isinstance(value, str) else value,
+        literal(None, Text) if anonymous_id is None else anonymous_id,
+        literal(None, Text) if email is None else email,
         literal(forced, Boolean),
         literal(False, Boolean),
         literal(now, DateTime),
@@ -406,19 +419,16 @@ def _plan_in(
         or_(literal(full, Boolean), not_(pair.certainly_told_as_member(m.c.user_id))),
     )
     problem = row_problem(connection, m.c.user_id, m.c.anonymous_id, m.c.email)
-    fields = new_change(pair, TRUE, full, now)
-    new_entered = insert_changes(
-        connection,
-        select(
-            fields[0],
-            fields[1],
-            m.c.user_id,
-            fields[2],
-            m.c.anonymous_id,
-            m.c.email,
-            *fields[3:],
-        ).where(candidates, problem.is_(None)),
+    entry = change_columns(
+        pair,
+        user=m.c.user_id,
+        value=TRUE,
+        forced=full,
+        now=now,
+        anonymous_id=m.c.anonymous_id,
+        email=m.c.email,
     )
+    new_entered = insert_changes(connection, select(*entry).where(candidates, problem.is_(None)))
     invalid = int(
         connection.execute(
             select(func.count()).where(candidates, problem.is_not(None))
@@ -435,14 +445,21 @@ def _plan_in(
         example = f"{first[0]!r}: {first[1]}"
 
     s = state.c
-    exits = new_change(pair, FALSE, False, now)
     leaving = and_(
         pair.state_rows(),
         not_(pair.member(s.user_id)),
         not_(pair.queued(s.user_id)),
         not_(pair.suppressed(s.user_id)),
     )
-    exit_columns = (exits[0], exits[1], s.user_id, exits[2], s.anonymous_id, s.email, *exits[3:])
+    exit_columns = change_columns(
+        pair,
+        user=s.user_id,
+        value=FALSE,
+        forced=False,
+        now=now,
+        anonymous_id=s.anonymous_id,
+        email=s.email,
+    )
     new_exited = insert_changes(connection, select(*exit_columns).where(STATE_TOLD_TRUE, leaving))
     told = int(
         connection.execute(

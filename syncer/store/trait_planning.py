@@ -18,8 +18,6 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     ColumnElement,
-    DateTime,
-    Integer,
     Text,
     and_,
     case,
@@ -43,6 +41,7 @@ from syncer.store.planning import (
     Pair,
     PlanOutcome,
     PlanResult,
+    change_columns,
     finish_plan,
     insert_changes,
     mark_dropped_as_doubtful,
@@ -132,26 +131,6 @@ class _Trait:
         )
 
 
-def _change(pair: Pair, user: Any, value: Any, forced: bool, now: datetime) -> list[Any]:
-    # The outbox's columns in planning's order; a trait's change names the user by id alone.
-    return [
-        literal(pair.destination_id, Integer),
-        literal(pair.audience_id, Text),
-        user,
-        value,
-        literal(None, Text),
-        literal(None, Text),
-        literal(forced, Boolean),
-        literal(False, Boolean),
-        literal(now, DateTime),
-        literal(ChangeStatus.PENDING.value, Text),
-        literal(0, Integer),
-        literal(0, Integer),
-        literal(pair.call.value, Text),
-        literal(pair.kind.value, Text),
-    ]
-
-
 # Users whose stale forced change is replaced per statement: bounded, whatever the backlog.
 _REPLACED_PER_ROUND = 1000
 
@@ -181,9 +160,9 @@ def _replace_stale_forced(
         mark_dropped_as_doubtful(pair, o.user_id.in_(users))
         queued += insert_changes(
             connection,
-            select(*_change(pair, v.c.user_id, trait.value, True, now)).where(
-                v.c.trait_id == pair.audience_id, v.c.user_id.in_(users)
-            ),
+            select(
+                *change_columns(pair, user=v.c.user_id, value=trait.value, forced=True, now=now)
+            ).where(v.c.trait_id == pair.audience_id, v.c.user_id.in_(users)),
         )
     return queued
 
@@ -239,9 +218,9 @@ def plan_trait_in(
     )
     new_values += insert_changes(
         connection,
-        select(*_change(pair, v.c.user_id, trait.value, full, now)).where(
-            candidates, trait.problem.is_(None)
-        ),
+        select(
+            *change_columns(pair, user=v.c.user_id, value=trait.value, forced=full, now=now)
+        ).where(candidates, trait.problem.is_(None)),
     )
     invalid = int(
         connection.execute(
@@ -265,7 +244,7 @@ def plan_trait_in(
         not_(pair.queued(s.user_id)),
         not_(pair.suppressed(s.user_id)),
     )
-    nulls = _change(pair, s.user_id, literal(NULL_VALUE, Text), False, now)
+    nulls = change_columns(pair, user=s.user_id, value=NULL_VALUE, forced=False, now=now)
     new_nulls = insert_changes(connection, select(*nulls).where(_told_a_value(), gone))
     told = int(
         connection.execute(

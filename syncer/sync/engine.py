@@ -33,7 +33,7 @@ from syncer.delivery.transport import AiohttpTransport, Transport
 from syncer.errors import ConfigError
 from syncer.settings import Settings
 from syncer.store import Store
-from syncer.store.audiences import AudienceRow
+from syncer.store.audiences import AudienceRow, named_row
 from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.queries import QueryDefinition, QueryFailed
 from syncer.store.sql import utcnow
@@ -102,15 +102,9 @@ def select_audiences(
     (a key first: an audience and a trait may share an id, never a key)."""
     if wanted is None:
         return [row for row in rows if row.enabled]
-    named = [row for row in rows if row.is_named(wanted, keys)]
-    by_key = [row for row in named if keys.get(row.subject) == wanted]
-    if len(by_key) == 1:
-        return by_key
-    if len(named) > 1:
-        both = " and ".join(str(row.subject) for row in named)
-        raise ConfigError(f"--audience: {wanted!r} names {both}: give its key instead")
-    if named:
-        return named
+    row = named_row(rows, keys, wanted, "--audience")
+    if row is not None:
+        return [row]
     raise ConfigError(f"--audience: no audience or computed trait has the id or key {wanted!r}")
 
 

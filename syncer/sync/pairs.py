@@ -187,6 +187,9 @@ class CallSettler:
         half_done: list[tuple[int, Call]] = []
         for owed, outcome in answers:
             change_id = owed.change.change_id
+            if owed.change.call is not Call.BOTH:  # one call: its answer is the change's
+                results.append((change_id, outcome))
+                continue
             calls = self._waiting.setdefault(change_id, {})
             calls[owed.call] = outcome
             if len(calls) < len(owed.change.calls):

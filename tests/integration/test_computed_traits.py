@@ -13,6 +13,7 @@ import pytest
 
 from syncer.core.states import Kind, PairState
 from syncer.core.traits import Subject
+from syncer.errors import ConfigError
 from syncer.store import Store
 from syncer.store.sql import utcnow
 from syncer.sync import SyncEngine, SyncOptions
@@ -364,3 +365,26 @@ def test_values_of_a_trait_that_does_not_exist_are_reported(
         Subject.trait("tr_gone"): "2 computed_trait_values row(s) name no existing trait"
     }
     assert identify_values(standin, "/wf") == {"u1": 1}
+
+
+def test_an_id_shared_by_an_audience_and_a_trait_must_be_given_as_a_key(
+    store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience("shared", "Big Spenders")
+    upstream.add("shared", "u1")
+    upstream.add_trait("shared", "Order Count")
+    upstream.set_values("shared", {"u1": "3"})
+    url = standin.url("/wf")
+
+    with pytest.raises(ConfigError) as refused:
+        run_sync(store, [url], SyncOptions(audience="shared"))
+    assert str(refused.value) == (
+        "--audience: 'shared' names audience 'shared' and trait 'shared': give its key instead"
+    )
+    with pytest.raises(ConfigError, match=r"^AUDIENCE: 'shared' names"):
+        store.audiences.find("shared")
+    assert store.audiences.find("order_count") == Subject.trait("shared")
+
+    report = run_sync(store, [url], SyncOptions(audience="order_count"))
+    assert [(pair.kind, pair.audience_id) for pair in report.pairs] == [(Kind.TRAIT, "shared")]
+    assert identify_values(standin, "/wf", "order_count") == {"u1": 3}

@@ -36,6 +36,7 @@ from syncer.core.diff import FALSE, TRUE, Presence, Queued, Told, plan_user
 from syncer.core.guard import GuardLimits
 from syncer.core.payload import user_input_problem
 from syncer.core.states import ChangeStatus
+from syncer.core.traits import Subject
 from syncer.store import Store
 from syncer.store.planning import PlanOutcome, PlanResult
 from syncer.store.schema import (
@@ -613,7 +614,9 @@ def test_guard_holds_more_than_the_share_until_approved(store: Store, upstream: 
     assert guarded.pair_row().held_at == LAST_PLANNED
     assert guarded.outbox() == {}
 
-    assert store.holds.approve(GUARDED, [guarded.destination_id], LAST_PLANNED) == 1
+    assert (
+        store.holds.approve(Subject.audience(GUARDED), [guarded.destination_id], LAST_PLANNED) == 1
+    )
     released_at = LAST_PLANNED + timedelta(minutes=2)
     released = guarded.plan(released_at)
 
@@ -649,7 +652,9 @@ def test_guard_records_the_hold_of_a_pair_without_a_row_yet(
     assert held.outcome is PlanOutcome.HELD
     row = guarded.pair_row()
     assert row is not None and row.held_at == LAST_PLANNED, "the hold was not recorded"
-    assert store.holds.approve(GUARDED, [guarded.destination_id], LAST_PLANNED) == 1
+    assert (
+        store.holds.approve(Subject.audience(GUARDED), [guarded.destination_id], LAST_PLANNED) == 1
+    )
 
 
 # --- a pair as the upgrade to 0005 leaves it ------------------------------------------------------
