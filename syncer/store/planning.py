@@ -280,6 +280,19 @@ def insert_changes(connection: Connection, select_: Any) -> int:
             connection.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")
 
 
+def count_invalid(
+    connection: Connection, user: Any, problem: Any, rows: ColumnElement[bool]
+) -> tuple[int, str | None]:
+    """How many of ``rows`` cannot be sent (``problem`` is not NULL), and one of them as
+    "user_id: problem" (the first by user id), for the report."""
+    invalid = and_(rows, problem.is_not(None))
+    count = int(connection.execute(select(func.count()).where(invalid)).scalar_one())
+    if not count:
+        return 0, None
+    first = connection.execute(select(user, problem).where(invalid).order_by(user).limit(1)).one()
+    return count, f"{first[0]!r}: {first[1]}"
+
+
 def ensure_pair(pair: Pair) -> None:
     """Create the pair's row if it has none yet."""
     # Outside the plan's savepoint: a hold must find the row even when the plan is undone.
@@ -429,20 +442,7 @@ def _plan_in(
         email=m.c.email,
     )
     new_entered = insert_changes(connection, select(*entry).where(candidates, problem.is_(None)))
-    invalid = int(
-        connection.execute(
-            select(func.count()).where(candidates, problem.is_not(None))
-        ).scalar_one()
-    )
-    example = None
-    if invalid:
-        first = connection.execute(
-            select(m.c.user_id, problem)
-            .where(candidates, problem.is_not(None))
-            .order_by(m.c.user_id)
-            .limit(1)
-        ).one()
-        example = f"{first[0]!r}: {first[1]}"
+    invalid, example = count_invalid(connection, m.c.user_id, problem, candidates)
 
     s = state.c
     leaving = and_(

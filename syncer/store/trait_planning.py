@@ -42,6 +42,7 @@ from syncer.store.planning import (
     PlanOutcome,
     PlanResult,
     change_columns,
+    count_invalid,
     finish_plan,
     insert_changes,
     mark_dropped_as_doubtful,
@@ -222,20 +223,7 @@ def plan_trait_in(
             *change_columns(pair, user=v.c.user_id, value=trait.value, forced=full, now=now)
         ).where(candidates, trait.problem.is_(None)),
     )
-    invalid = int(
-        connection.execute(
-            select(func.count()).where(present, trait.problem.is_not(None))
-        ).scalar_one()
-    )
-    example = None
-    if invalid:
-        first = connection.execute(
-            select(v.c.user_id, trait.problem)
-            .where(present, trait.problem.is_not(None))
-            .order_by(v.c.user_id)
-            .limit(1)
-        ).one()
-        example = f"{first[0]!r}: {first[1]}"
+    invalid, example = count_invalid(connection, v.c.user_id, trait.problem, present)
 
     s = state.c
     gone = and_(
