@@ -30,6 +30,8 @@ DEFAULT_SETTINGS_PATH = "settings.toml"
 SETTINGS_PATH_ENV = "SYNCER_SETTINGS"
 SECRET_ENV = "SYNCER_TRAY_SHARED_SECRET"
 DATABASE_URL_ENV = "SYNCER_DATABASE_URL"
+HTTP_PORT_ENV = "SYNCER_HTTP_PORT"
+HTTP_TOKEN_ENV = "SYNCER_HTTP_TOKEN"
 MAX_WORKFLOW_URLS = 10
 # How claims are kept (syncer.sync.claiming): renewed every quarter of lease_seconds, and a
 # request may start only if it ends CLAIM_SAFETY_SECONDS before the claim could run out. A lease
@@ -268,6 +270,64 @@ class LoggingSettings(_Section):
     format: Literal["json", "console"] | None = None
 
 
+class HistorySettings(_Section):
+    """How long the change log (what was sent where, and what came of it) is kept."""
+
+    keep_days: Annotated[int, Field(ge=1, le=3650)] = 90
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class HttpSettings(_Section):
+    """The daemon's HTTP server: the status page, ``/metrics`` and ``/healthz``."""
+
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    # Unset: no server. SYNCER_HTTP_PORT overrides it.
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    # Asked of every request but /healthz; required when host is not a loopback address.
+    token: SecretStr | None = None
+    # /healthz fails while a change has waited longer than this to be accepted.
+    max_backlog_age: str = "1h"
+
+    @field_validator("max_backlog_age")
+    @classmethod
+    def _valid_age(cls, age: str) -> str:
+        parse_duration(age)
+        return age
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return token
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        if self.port is not None and self.token is None and not self.loopback:
+            raise ValueError(
+                f"token: required when host is {self.host!r} (not a loopback address): "
+                f"set [http] token or {HTTP_TOKEN_ENV}"
+            )
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server listens on this machine only."""
+        return self.host in _LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @property
+    def max_backlog_age_seconds(self) -> float:
+        """``max_backlog_age`` in seconds."""
+        return parse_duration(self.max_backlog_age)
+
+    @property
+    def token_text(self) -> str | None:
+        """The token, for comparing with what a request presents (never logged)."""
+        return _text(self.token)
+
+
 class QueryDefinedSettings(_Section):
     """An audience (``[[audiences]]``) or computed trait (``[[traits]]``) defined by a query,
     evaluated at each sync and diffed like one upstream writes to the input tables."""
@@ -337,6 +397,8 @@ class Settings(_Section):
     delivery: DeliverySettings = DeliverySettings()
     guard: GuardSettings = GuardSettings()
     logging: LoggingSettings = LoggingSettings()
+    history: HistorySettings = HistorySettings()
+    http: HttpSettings = HttpSettings()
     audiences: list[QueryDefinedSettings] = []
     traits: list[QueryDefinedSettings] = []
 
@@ -397,6 +459,22 @@ def _own_secrets_from_environment(tray: Any) -> None:
     tray["workflow_urls"] = entries
 
 
+def _http_from_environment(data: dict[str, Any]) -> None:
+    # SYNCER_HTTP_PORT lets several daemons on one machine share a settings file.
+    port, token = os.environ.get(HTTP_PORT_ENV), os.environ.get(HTTP_TOKEN_ENV)
+    if port is None and token is None:
+        return
+    http = data.setdefault("http", {})
+    if not isinstance(http, dict):
+        return
+    if port is not None:
+        if not port.strip().isdigit():
+            raise ConfigError(f"{HTTP_PORT_ENV}: {port!r} is not a port number")
+        http["port"] = int(port)
+    if token is not None:
+        http["token"] = token
+
+
 def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Settings:
     """Validate settings given as a mapping, applying environment overrides."""
     data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
@@ -406,6 +484,7 @@ def settings_from_mapping(data: dict[str, Any], source: str, base: Path) -> Sett
         if isinstance(tray, dict):
             tray["shared_secret"] = secret
     _own_secrets_from_environment(data.get("tray"))
+    _http_from_environment(data)
     database_url = os.environ.get(DATABASE_URL_ENV)
     if database_url:
         database = data.setdefault("database", {})

@@ -38,6 +38,17 @@ class Call(enum.StrEnum):
         return tuple(call for call in calls if call is not done)
 
 
+class LogOutcome(enum.StrEnum):
+    """What the change log says became of a change sent to a URL (one entry per recorded
+    outcome; see ``syncer_change_log``)."""
+
+    DELIVERED = "delivered"  # 2xx: the URL accepted it
+    RETRYABLE = "retryable"  # timeout, connection lost, 408/423/429/5xx: sent again later
+    REFUSED = "refused"  # 401/403/404/410: the URL refused everything; the change waits
+    REJECTED = "rejected"  # another 4xx: sent again by the next run's plan
+    PARKED = "parked"  # rejected max_rejections times: waits for `syncer retry`
+
+
 class RunStatus(enum.StrEnum):
     """How a run ended (or that it has not)."""
 

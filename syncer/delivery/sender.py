@@ -58,6 +58,9 @@ class UrlSender:
         self.gate_closed = False
         # Whether a delivery in this run has already cleared a refusal recorded for the URL.
         self.refusal_cleared = False
+        # Whether the URL answered a request in this run with a 2xx, or with a 4xx about the
+        # change: it is up, whatever else happened.
+        self.reached = False
         self.gate: Callable[[], bool] = lambda: True
         self._refusals_in_a_row = 0
         self._transport = transport
@@ -139,7 +142,14 @@ class UrlSender:
         last: Response = await retrying(attempt)
         return last, sent
 
+    @property
+    def failed(self) -> bool:
+        """True when this run gave up on the URL: down, or refusing everything."""
+        return self.down or self.refused is not None
+
     def _note(self, outcome: Outcome) -> None:
+        if outcome.kind in (OutcomeKind.DELIVERED, OutcomeKind.REJECTED):
+            self.reached = True
         if outcome.kind is OutcomeKind.REFUSED:
             self._refusals_in_a_row += 1
             if self._refusals_in_a_row >= REFUSALS_TO_STOP and self.refused is None:

@@ -15,6 +15,7 @@ from syncer.store.audiences import AudienceStore
 from syncer.store.claims import ClaimStore
 from syncer.store.deletions import DeletionStore
 from syncer.store.destinations import DestinationStore
+from syncer.store.history import HistoryStore
 from syncer.store.holds import HoldStore
 from syncer.store.outbox import OutboxStore
 from syncer.store.planning import PlanStore
@@ -48,6 +49,7 @@ class Store:
     holds: HoldStore
     runs: RunStore
     queries: QueryStore
+    history: HistoryStore
 
     @classmethod
     def open(cls, engine: Engine) -> Store:
@@ -65,6 +67,7 @@ class Store:
             holds=HoldStore(engine),
             runs=RunStore(engine),
             queries=QueryStore(engine),
+            history=HistoryStore(engine),
         )
 
     @property

@@ -20,7 +20,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The schema revision this version of the syncer reads and writes: the head of migrations/
 # (a test holds the two together). Every command but `migrate` checks it without loading
 # Alembic, which would cost every process start a fifth of a second.
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 # The execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION = "syncer_write"
 # A pooled connection given back more recently than this is used without a ping first.

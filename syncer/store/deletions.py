@@ -25,7 +25,14 @@ from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.pacing import Slots
 from syncer.store.claims import RELEASED, Claim, claim_values, owned, unclaimed
 from syncer.store.pacing import reserve_slots
-from syncer.store.schema import DELETION_OWED, deleted_users, deletions, outbox, state
+from syncer.store.schema import (
+    DELETION_OWED,
+    change_log,
+    deleted_users,
+    deletions,
+    outbox,
+    state,
+)
 from syncer.store.sql import db_epoch, dialect_insert, reading, writing
 
 
@@ -100,6 +107,8 @@ class DeletionStore:
                     ],
                 )
             connection.execute(delete(state).where(state.c.user_id.in_(users)))
+            # Privacy wins over history: what was sent about them is forgotten too.
+            connection.execute(delete(change_log).where(change_log.c.user_id.in_(users)))
             connection.execute(delete(outbox).where(outbox.c.user_id.in_(users), unclaimed(outbox)))
 
     def exchange(

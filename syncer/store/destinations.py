@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, update
 
 from syncer.core.urls import canonical_url
 from syncer.store.schema import (
     DELETION_OWED,
+    change_log,
     deletions,
     destinations,
     outbox,
@@ -87,6 +89,19 @@ class DestinationStore:
                 .values(refused_status=status, refused_at=now, refused_error=error[:500])
             )
 
+    def record_run_result(self, destination_id: int, *, failed: bool, now: datetime) -> None:
+        """Count the runs in a row that gave up on the URL (``failed``); a run that reached it
+        resets the count and is its last success."""
+        values: dict[str, Any] = (
+            {"failed_runs": destinations.c.failed_runs + 1}
+            if failed
+            else {"failed_runs": 0, "last_success_at": now}
+        )
+        with writing(self.engine) as connection:
+            connection.execute(
+                update(destinations).where(destinations.c.id == destination_id).values(**values)
+            )
+
     def removed_with_debts(self, configured_ids: Sequence[int]) -> list[RemovedDestination]:
         """URLs not configured now that are still owed deletes (nothing can deliver them)."""
         with reading(self.engine) as connection:
@@ -125,5 +140,9 @@ class DestinationStore:
                 delete(deletions).where(deletions.c.destination_id == destination_id)
             )
             connection.execute(delete(pairs).where(pairs.c.destination_id == destination_id))
+            # Its history goes too: a URL configured later may be given the same id.
+            connection.execute(
+                delete(change_log).where(change_log.c.destination_id == destination_id)
+            )
             connection.execute(delete(destinations).where(destinations.c.id == destination_id))
         return Forgotten(found.url, told, queued, owed)

@@ -35,9 +35,10 @@ from syncer.core.diff import FALSE, NULL_VALUE, TRUE
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.pacing import Slots
 from syncer.core.payload import message_id
-from syncer.core.states import Call, ChangeStatus, Kind
+from syncer.core.states import Call, ChangeStatus, Kind, LogOutcome
 from syncer.core.traits import Subject
 from syncer.store.claims import CLAIM_SET, RELEASED, Claim, claim_parameters, owned, unclaimed
+from syncer.store.history import log_entries, other_call
 from syncer.store.pacing import reserve_slots
 from syncer.store.schema import (
     audience_memberships,
@@ -169,15 +170,27 @@ _CLAIM = (
         _o.id, _o.user_id, _o.value, _o.anonymous_id, _o.email, _o.created_at, _o.call, _o.done_call
     )
 )
-_ACCEPT = (
-    delete(outbox)
-    .where(_o.id.in_(_ids))
-    .returning(_o.id, _o.audience_id, _o.kind, _o.user_id, _o.value, _o.anonymous_id, _o.email)
+# What the state and the change log are written from.
+_LOGGED = (
+    _o.id,
+    _o.audience_id,
+    _o.kind,
+    _o.user_id,
+    _o.value,
+    _o.anonymous_id,
+    _o.email,
+    _o.created_at,
+    _o.call,
+    _o.done_call,
 )
+_ACCEPT = delete(outbox).where(_o.id.in_(_ids)).returning(*_LOGGED)
 _ACCEPT_MINE = (
     delete(outbox)
     .where(_o.id.in_(_ids), _o.claim_token == bindparam("claim_token_"))
-    .returning(_o.id, _o.audience_id, _o.kind, _o.user_id, _o.value, _o.anonymous_id, _o.email)
+    .returning(*_LOGGED)
+)
+_LOGGED_ROWS = select(*_LOGGED, _o.status).where(
+    _o.id.in_(_ids), not_(exists().where(deleted_users.c.user_id == _o.user_id))
 )
 _OWNED_ROWS = select(_o.id).where(_o.id.in_(_ids))
 _DELETED_AMONG = select(deleted_users.c.user_id).where(
@@ -230,11 +243,49 @@ _EXCHANGE_POSTGRESQL = text(
     SELECT * FROM syncer_exchange(
         CAST(:destination_id AS integer), CAST(:audience_id AS text), CAST(:kind AS text),
         CAST(:claim_token_ AS text), CAST(:claimed_by_ AS text),
+        CAST(:run_id AS bigint), CAST(:attempts AS integer[]),
         CAST(:ttl_ AS double precision), CAST(:ids AS bigint[]), CAST(:message_ids AS text[]),
         CAST(:told_at AS timestamp), CAST(:want AS integer), CAST(:after_id AS bigint),
         CAST(:clear_refusal AS boolean))
     """
 )
+
+
+_FAILURE_LOGGED = {
+    OutcomeKind.RETRYABLE: LogOutcome.RETRYABLE,
+    OutcomeKind.REFUSED: LogOutcome.REFUSED,
+    OutcomeKind.REJECTED: LogOutcome.REJECTED,
+}
+
+
+def _entry(
+    row: Any,
+    destination_id: int,
+    run_id: int | None,
+    now: datetime,
+    outcome: LogOutcome,
+    attempts: int | None,
+) -> dict[str, Any]:
+    """A change-log entry for an outbox row (see :data:`_LOGGED`)."""
+    return {
+        "run_id": run_id,
+        "destination_id": destination_id,
+        "kind": row.kind,
+        "audience_id": row.audience_id,
+        "user_id": row.user_id,
+        "change_id": row.id,
+        "call": row.call,
+        "part": None,
+        "value": row.value,
+        "anonymous_id": row.anonymous_id,
+        "email": row.email,
+        "created_at": row.created_at,
+        "outcome": outcome.value,
+        "http_status": None,
+        "error": None,
+        "attempts": attempts,
+        "recorded_at": now,
+    }
 
 
 class OutboxStore:
@@ -262,6 +313,7 @@ class OutboxStore:
         kind: Kind = Kind.AUDIENCE,
         half_done: Sequence[tuple[int, Call]] = (),
         from_query: bool = False,
+        run_id: int | None = None,
     ) -> Exchanged:
         """Record ``results`` and claim up to ``want`` more changes after ``after_id``, in one
         transaction: the send of each claimed change is decided here, against the state of now.
@@ -276,6 +328,7 @@ class OutboxStore:
         ``half_done``: changes sent both ways of which the URL accepted one call (given with
         the outcome of the other in ``results``): that call is not sent again. ``from_query``:
         the audience or trait is defined by a query, and checked against its snapshot.
+        Every outcome but "not sent" goes into the change log, under ``run_id``.
         """
         if (
             self.engine.dialect.name == "postgresql"
@@ -292,6 +345,7 @@ class OutboxStore:
                 after_id,
                 now,
                 clear_refusal,
+                run_id,
             )
         with writing(self.engine) as connection:
             if half_done:
@@ -305,7 +359,10 @@ class OutboxStore:
                         for i, call in half_done
                     ],
                 )
-            lost = self._record(connection, claim, destination_id, results, now, max_rejections)
+                self._log_half_done(connection, claim, destination_id, half_done, now, run_id)
+            lost = self._record(
+                connection, claim, destination_id, results, now, max_rejections, run_id
+            )
             if clear_refusal and any(o.kind is OutcomeKind.DELIVERED for _, o in results):
                 connection.execute(_CLEAR_REFUSAL, {"destination_id": destination_id})
             if want <= 0:
@@ -334,10 +391,12 @@ class OutboxStore:
         after_id: int,
         now: datetime,
         clear_refusal: bool,
+        run_id: int | None,
     ) -> Exchanged:
         """:meth:`exchange` for deliveries only, on PostgreSQL: one call, one transaction."""
         destination_id, audience_id, kind = pair
         ids = [change_id for change_id, _ in results]
+        attempts = [outcome.attempts for _, outcome in results]
         with self._autocommit.connect() as connection:
             rows = connection.execute(
                 _EXCHANGE_POSTGRESQL,
@@ -346,6 +405,8 @@ class OutboxStore:
                     "audience_id": audience_id,
                     "kind": kind.value,
                     **claim_parameters(claim),
+                    "run_id": run_id,
+                    "attempts": attempts,
                     "ids": ids,
                     "message_ids": [message_id(self.namespace, i) for i in ids],
                     "told_at": now,
@@ -391,13 +452,15 @@ class OutboxStore:
         results: Sequence[tuple[int, Outcome]],
         now: datetime,
         max_rejections: int,
+        run_id: int | None,
     ) -> int:
         if not results:
             return 0
+        attempts = {change_id: outcome.attempts for change_id, outcome in results}
         if all(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):
             # The common case in one statement: take the rows this claim still owns.
             ids = [change_id for change_id, _ in results]
-            taken = self._accepted(connection, destination_id, ids, now, claim)
+            taken = self._accepted(connection, destination_id, ids, now, attempts, run_id, claim)
             if taken == len(ids):
                 return 0
             # Rows gone are superseded; rows still there belong to another claim now.
@@ -409,7 +472,7 @@ class OutboxStore:
             i for i, outcome in results if i in mine and outcome.kind is OutcomeKind.DELIVERED
         ]
         if delivered:
-            self._accepted(connection, destination_id, delivered, now)
+            self._accepted(connection, destination_id, delivered, now, attempts, run_id)
         park = case(
             (outbox.c.rejections + 1 >= max_rejections, ChangeStatus.PARKED.value),
             else_=ChangeStatus.REJECTED.value,
@@ -445,6 +508,9 @@ class OutboxStore:
                         for i, o in batch
                     ],
                 )
+        tried = {i: o for i, o in failed if o.kind is not OutcomeKind.NOT_SENT}
+        if tried:
+            self._log_failures(connection, destination_id, tried, now, run_id)
         unsent = [i for i, o in failed if o.kind is OutcomeKind.NOT_SENT]
         if unsent:
             connection.execute(update(outbox).where(outbox.c.id.in_(unsent)).values(**RELEASED))
@@ -463,9 +529,12 @@ class OutboxStore:
         destination_id: int,
         change_ids: list[int],
         now: datetime,
+        attempts: dict[int, int],
+        run_id: int | None,
         claim: Claim | None = None,
     ) -> int:
-        """Record deliveries; with ``claim``, only of the rows it still owns. Return how many."""
+        """Record deliveries, in the state and the change log; with ``claim``, only of the rows
+        it still owns. Return how many."""
         if claim is None:
             rows = connection.execute(_ACCEPT, {"ids": change_ids}).all()
         else:
@@ -511,7 +580,66 @@ class OutboxStore:
                     for row in told
                 ],
             )
+        log_entries(
+            connection,
+            [
+                _entry(row, destination_id, run_id, now, LogOutcome.DELIVERED, attempts[row.id])
+                | {"part": other_call(row.done_call)}
+                for row in told
+            ],
+        )
         return len(rows)
+
+    @staticmethod
+    def _log_half_done(
+        connection: Connection,
+        claim: Claim,
+        destination_id: int,
+        half_done: Sequence[tuple[int, Call]],
+        now: datetime,
+        run_id: int | None,
+    ) -> None:
+        """Log the one call a URL accepted of changes sent both ways (of the rows this claim
+        still owns, about users not deleted)."""
+        accepted = dict(half_done)
+        rows = connection.execute(
+            _LOGGED_ROWS.where(_o.claim_token == claim.token), {"ids": list(accepted)}
+        ).all()
+        log_entries(
+            connection,
+            [
+                _entry(row, destination_id, run_id, now, LogOutcome.DELIVERED, None)
+                | {"part": accepted[row.id].value}
+                for row in rows
+            ],
+        )
+
+    @staticmethod
+    def _log_failures(
+        connection: Connection,
+        destination_id: int,
+        failed: dict[int, Outcome],
+        now: datetime,
+        run_id: int | None,
+    ) -> None:
+        """Log the changes whose calls failed (already recorded: a rejection may have parked
+        the change), but of users deleted meanwhile, whose history is gone."""
+        rows = connection.execute(_LOGGED_ROWS, {"ids": list(failed)}).all()
+        entries = []
+        for row in rows:
+            outcome = failed[row.id]
+            logged = _FAILURE_LOGGED[outcome.kind]
+            if row.status == ChangeStatus.PARKED.value:
+                logged = LogOutcome.PARKED
+            entries.append(
+                _entry(row, destination_id, run_id, now, logged, outcome.attempts)
+                | {
+                    "part": other_call(row.done_call),
+                    "http_status": outcome.status,
+                    "error": outcome.detail or None,
+                }
+            )
+        log_entries(connection, entries)
 
     def status_counts(
         self, destination_id: int, audience_id: str, kind: Kind = Kind.AUDIENCE

@@ -26,6 +26,11 @@ class RunCounts:
     pending: int = 0
     rejected: int = 0
     parked: int = 0
+    held: int = 0  # (URL, audience) pairs the mass-exit guard holds
+    urls_down: int = 0  # URLs given up on: down, or refusing everything
+    skipped: int = 0  # audiences and traits not synced (key conflicts, failed queries)
+    invalid: int = 0  # rows skipped as unsendable
+    deletes_pending: int = 0  # privacy deletes left owed
 
 
 class RunStore:

@@ -121,6 +121,10 @@ destinations = Table(
     # Pacing: the database-clock moment (epoch seconds) from which this URL's next request may
     # go; every worker advances it for the chunk it is about to send.
     Column("next_send_at", Double, nullable=True),
+    # Runs in a row in which the URL was given up on (down or refusing); 0 after one that
+    # reached it. And when a run last reached it.
+    Column("failed_runs", Integer, nullable=False, server_default="0"),
+    Column("last_success_at", DateTime, nullable=True),
 )
 
 # The key each audience and computed trait syncs under: one namespace for both kinds.
@@ -250,6 +254,13 @@ runs = Table(
     Column("error", Text, nullable=True),
     Column("holder", Text, nullable=True),  # "host:pid:nonce" of the process running it
     Column("parked", Integer, nullable=False, server_default="0"),
+    # What a monitor alerts on (migration 0010): pairs held, URLs given up on (down or
+    # refusing), audiences skipped, rows skipped as invalid, deletes left owed.
+    Column("held", Integer, nullable=False, server_default="0"),
+    Column("urls_down", Integer, nullable=False, server_default="0"),
+    Column("skipped", Integer, nullable=False, server_default="0"),
+    Column("invalid", Integer, nullable=False, server_default="0"),
+    Column("deletes_pending", Integer, nullable=False, server_default="0"),
     sqlite_autoincrement=True,
 )
 
@@ -313,4 +324,47 @@ pairs = Table(
     Column("approved_at", DateTime, nullable=True),
     Column("kind", Text, nullable=False, server_default="audience"),
     PrimaryKeyConstraint("destination_id", "audience_id", "kind"),
+)
+
+# Every outcome recorded for a change sent to a URL, with what its body is rebuilt from (the
+# messageId from change_id, the timestamp from created_at; the key from syncer_audience_keys),
+# written in the transaction that records the outcome. `part`: of a change sent both ways, the
+# one call this outcome is about (NULL: every call of `call`). Kept `[history] keep_days`.
+change_log = Table(
+    "syncer_change_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("run_id", BigInteger, nullable=True),
+    Column("destination_id", Integer, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("audience_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("change_id", BigInteger, nullable=False),
+    Column("call", Text, nullable=False),
+    Column("part", Text, nullable=True),
+    Column("value", Text, nullable=False),
+    Column("anonymous_id", Text, nullable=True),
+    Column("email", Text, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("outcome", Text, nullable=False),  # syncer.core.states.LogOutcome
+    Column("http_status", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("attempts", Integer, nullable=True),
+    Column("recorded_at", DateTime, nullable=False),
+    Index("ix_syncer_change_log_user", "user_id"),
+    Index("ix_syncer_change_log_run", "run_id", "destination_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+# Each audience's member count and each trait's count of values, at each run that synced it.
+sizes = Table(
+    "syncer_sizes",
+    metadata,
+    Column("run_id", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("audience_id", Text, nullable=False),
+    Column("members", Integer, nullable=False),
+    Column("measured_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("run_id", "kind", "audience_id"),
+    Index("ix_syncer_sizes_subject", "kind", "audience_id", "run_id"),
 )

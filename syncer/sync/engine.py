@@ -383,13 +383,24 @@ class SyncEngine:
             with_work |= {(d, Subject.trait(t)) for d, t in trait_work}
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
         report.run_id = run_id
+        # The sizes are measured from what this run plans from (a query's fresh snapshot).
+        await context.db(
+            store.history.record_sizes,
+            run_id,
+            [(row.subject, row.from_query) for row, _ in locked],
+            utcnow(),
+        )
+        pruned = await context.db(store.history.prune, utcnow(), self.settings.history.keep_days)
+        if pruned:
+            log.info("history_pruned", entries=pruned, keep_days=self.settings.history.keep_days)
         transports = {url: self._transport_factory() for url in urls}
         status, error = RunStatus.FAILED, None
+        senders = [self._sender(url, transports[url]) for url in urls]
         try:
             results = await gather_or_cancel(
                 [
                     self._sync_url(
-                        self._sender(url, transports[url]),
+                        sender,
                         destination_ids[url],
                         run_id,
                         locked,
@@ -397,9 +408,10 @@ class SyncEngine:
                         progress or NoProgress(),
                         with_work,
                     )
-                    for url in urls
+                    for url, sender in zip(urls, senders, strict=True)
                 ]
             )
+            report.down_urls = [sender.url for sender in senders if sender.failed]
             for deletion_report, pair_reports in results:
                 report.deletions.append(deletion_report)
                 report.pairs.extend(pair_reports)
@@ -469,9 +481,7 @@ class SyncEngine:
             trigger=options.trigger,
             status=status.value,
             **asdict(report.counts),
-            held=len(report.held),
-            deletes_pending=sum(d.pending for d in report.deletions),
-            skipped_audiences=len(report.problems),
+            down_urls=report.down_urls,
             duration_seconds=round(report.duration_seconds, 3),
         )
 
@@ -538,6 +548,7 @@ class SyncEngine:
                     row.subject,
                     key,
                     from_query=row.from_query,
+                    run_id=run_id,
                     full=options.full,
                     progress=progress,
                     first_plan=plans.pop(index, None),
@@ -559,6 +570,13 @@ class SyncEngine:
         await context.db(
             store.runs.record_pairs, destination_id, idle, run_id, complete=True, now=utcnow()
         )
+        if sender.failed or sender.reached:
+            await context.db(
+                store.destinations.record_run_result,
+                destination_id,
+                failed=sender.failed,
+                now=utcnow(),
+            )
         if sender.refused is not None:
             log.error("url_refused", url=sender.url, status=sender.refused.status)
             await context.db(

@@ -39,6 +39,7 @@ class ExchangeRequest:
     secret: str | None = field(repr=False)  # what the bodies are signed with
     half_done: list[tuple[int, Call]] = field(default_factory=list)
     from_query: bool = False  # the audience or trait is defined by a query in the settings
+    run_id: int | None = None  # the run the change log files the outcomes under
 
 
 class OwedCall(NamedTuple):
@@ -77,6 +78,7 @@ def exchange(store: Store, request: ExchangeRequest) -> ExchangeReply:
         kind=Kind(computation.computation_class),
         half_done=request.half_done,
         from_query=request.from_query,
+        run_id=request.run_id,
     )
     claimed = []
     for change in exchanged.claimed:

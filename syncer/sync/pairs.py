@@ -70,6 +70,7 @@ async def sync_pair(
     full: bool,
     progress: Progress,
     from_query: bool = False,
+    run_id: int | None = None,
     first_plan: Awaitable[PlanResult] | None = None,
     planned: Callable[[], None] = lambda: None,
 ) -> PairReport:
@@ -116,7 +117,16 @@ async def sync_pair(
         else:
             progress.planned(sender.url, plan.new_entered + plan.new_exited)
         deliver = partial(
-            _deliver, context, sender, destination_id, subject, key, report, progress, from_query
+            _deliver,
+            context,
+            sender,
+            destination_id,
+            subject,
+            key,
+            report,
+            progress,
+            from_query,
+            run_id,
         )
         await deliver()
         await _wait_for_other_workers(context, sender, destination_id, subject, report, deliver)
@@ -228,6 +238,7 @@ async def _deliver(
     report: PairReport,
     progress: Progress,
     from_query: bool,
+    run_id: int | None,
 ) -> None:
     delivery = context.settings.delivery
     audience_id = subject.id
@@ -261,6 +272,7 @@ async def _deliver(
                 secret=context.settings.tray.secret_for(sender.url),
                 half_done=half_done,
                 from_query=from_query,
+                run_id=run_id,
             )
         )
         if any(outcome.kind is OutcomeKind.DELIVERED for _, outcome in results):

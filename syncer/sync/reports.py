@@ -56,6 +56,7 @@ class SyncReport:
     problems: list[KeyProblem] = field(default_factory=list)
     removed_urls: list[RemovedDestination] = field(default_factory=list)
     duration_seconds: float = 0.0
+    down_urls: list[str] = field(default_factory=list)  # given up on: down, or refusing
 
     @property
     def held(self) -> list[PairReport]:
@@ -73,6 +74,11 @@ class SyncReport:
             pending=sum(pair.pending for pair in self.pairs),
             rejected=sum(pair.rejected for pair in self.pairs),
             parked=sum(pair.parked for pair in self.pairs),
+            held=len(self.held),
+            urls_down=len(self.down_urls),
+            skipped=len(self.problems),
+            invalid=sum(pair.invalid for pair in self.pairs),
+            deletes_pending=sum(report.pending for report in self.deletions),
         )
 
     @property
