@@ -619,6 +619,61 @@ def inspect_user(app: App, user_id: str, output_format: str) -> None:
         )  # fmt: skip
 
 
+_EVENT_WORDS = {
+    "detected": "change detected",
+    "attempt": "sent",
+    "pending": "queued",
+    "deletion_requested": "deletion requested",
+    "deletion_attempt": "delete sent",
+    "deletion_delivered": "delete delivered",
+}
+
+
+@main.command(name="explain")
+@click.argument("user_id")
+@FORMAT_OPTION
+@click.pass_obj
+def explain_command(app: App, user_id: str, output_format: str) -> None:
+    """Why each URL got what it got about USER_ID: every change across audiences, traits and
+    URLs, when it was detected, each attempt and its outcome, what is still queued, and the
+    deletion if any (from the change log, kept [history] keep_days, and the current state)."""
+    record = _inspection(app).explain(user_id, app.settings.tray.urls)
+    if output_format == "json":
+        print_json(record)
+        return
+    click.echo(f"user {user_id}")
+    if record["deleted"]:
+        click.echo(
+            f"deleted (suppressed) since {record['deletion_requested_at']}: "
+            "what was sent about them before is forgotten"
+        )
+    names = ", ".join(f"{a['id']} ({a['key'] or 'no key'})" for a in record["audiences"])
+    click.echo(f"in audiences now: {names or 'none'}")
+    values = ", ".join(f"{t['key'] or t['id']}={t['value']}" for t in record["traits"])
+    click.echo(f"trait values now: {values or 'none'}")
+    if not record["events"]:
+        click.echo("nothing was sent about this user (within the history kept)")
+        return
+    rows = [
+        {
+            **event,
+            "what": _EVENT_WORDS[event["event"]],
+            "result": " ".join(
+                str(part)
+                for part in (event.get("outcome"), event.get("http_status"))
+                if part is not None
+            ),
+        }
+        for event in record["events"]
+    ]
+    print_table(
+        rows,
+        [("WHEN", "at"), ("WHAT", "what"), ("URL", "url"), ("KEY", "key"), ("VALUE", "value"),
+         ("CALL", "call"), ("RESULT", "result"), ("ATTEMPTS", "attempts"), ("RUN", "run_id"),
+         ("ERROR", "error"), ("MESSAGE ID", "message_id")],
+    )  # fmt: skip
+
+
 @inspect_group.command(name="runs")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @FORMAT_OPTION
@@ -635,6 +690,7 @@ def inspect_runs(app: App, limit: int, output_format: str) -> None:
          ("SECONDS", "duration_seconds"), ("STATUS", "status"), ("AUDIENCES", "audiences"),
          ("ENTERED", "entered"), ("EXITED", "exited"), ("DELIVERED", "delivered"),
          ("PENDING", "pending"), ("REJECTED", "rejected"), ("PARKED", "parked"),
+         ("HELD", "held"), ("URLS DOWN", "urls_down"), ("SKIPPED", "skipped"),
          ("ERROR", "error")],
     )  # fmt: skip
 

@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, and_, func, not_, or_, select, true
 
 from syncer.core.diff import NULL_VALUE
 from syncer.core.payload import message_id
-from syncer.core.states import ChangeStatus, Kind
+from syncer.core.states import Call, ChangeStatus, Kind
 from syncer.core.traits import Subject
 from syncer.store import Store
 from syncer.store.audiences import AudienceRow
@@ -365,6 +365,111 @@ class Inspection:
             ],
         }
 
+    def explain(self, user_id: str, urls: Sequence[str]) -> Record:
+        """One user's timeline across audiences, traits and URLs: each change when it was
+        detected, each outcome recorded for it (from the change log), what is still queued,
+        and the deletion if any. A deleted user's history is gone: only the deletion shows.
+        """
+        now = self.user(user_id, urls)
+        _, keys, _ = self._resolved()
+        namespace = self._namespace()
+        url_of = self._url_names(urls)
+        events: list[Record] = []
+
+        def about(url_id: int, kind: str, audience_id: str, value: str) -> Record:
+            return {
+                "url": url_of.get(url_id, f"#{url_id}"),
+                "kind": kind,
+                "audience_id": audience_id,
+                "key": keys.get(Subject(Kind(kind), audience_id)),
+                "value": shown_value(kind, value),
+            }
+
+        detected: set[tuple[int, int]] = set()
+        for entry in [] if now["deleted"] else self.store.history.of_user(user_id):
+            change = about(entry.destination_id, entry.kind.value, entry.audience_id, entry.value)
+            if (entry.destination_id, entry.change_id) not in detected:
+                detected.add((entry.destination_id, entry.change_id))
+                events.append(
+                    {"at": entry.created_at, "event": "detected", **change, "call": entry.call}
+                )
+            for call in entry.calls:
+                kind = "track" if entry.call is Call.BOTH and call is Call.TRACK else "change"
+                events.append(
+                    {
+                        "at": entry.recorded_at,
+                        "event": "attempt",
+                        **change,
+                        "call": call.value,
+                        "outcome": entry.outcome.value,
+                        "http_status": entry.http_status,
+                        "error": entry.error,
+                        "attempts": entry.attempts,
+                        "run_id": entry.run_id,
+                        "message_id": message_id(namespace, entry.change_id, kind),
+                    }
+                )
+        with reading(self.engine) as connection:
+            queued = (
+                []
+                if now["deleted"]
+                else connection.execute(
+                    select(outbox).where(outbox.c.user_id == user_id).order_by(outbox.c.id)
+                ).all()
+            )
+            deletion_rows = connection.execute(
+                select(deletions).where(deletions.c.user_id == user_id).order_by(deletions.c.id)
+            ).all()
+            requested = connection.execute(
+                select(deleted_users.c.requested_at).where(deleted_users.c.user_id == user_id)
+            ).scalar_one_or_none()
+        for row in queued:
+            change = about(row.destination_id, row.kind, row.audience_id, row.value)
+            if (row.destination_id, row.id) not in detected:
+                events.append(
+                    {"at": row.created_at, "event": "detected", **change, "call": row.call}
+                )
+            events.append(
+                {
+                    "at": row.last_attempt_at or row.created_at,
+                    "event": "pending",
+                    **change,
+                    "call": row.call,
+                    "outcome": row.status,
+                    "http_status": row.last_status,
+                    "error": row.last_error,
+                    "attempts": row.attempts,
+                    "message_id": message_id(namespace, row.id),
+                }
+            )
+        if requested is not None:
+            events.append({"at": requested, "event": "deletion_requested"})
+        for row in deletion_rows:
+            delivered = row.delivered_at is not None
+            if delivered or row.attempts:
+                events.append(
+                    {
+                        "at": row.delivered_at or row.last_attempt_at,
+                        "event": "deletion_delivered" if delivered else "deletion_attempt",
+                        "url": url_of.get(row.destination_id, f"#{row.destination_id}"),
+                        "outcome": "delivered" if delivered else "retryable",
+                        "http_status": row.last_status,
+                        "error": None if delivered else row.last_error,
+                        "attempts": row.attempts,
+                        "message_id": message_id(namespace, row.id, "delete"),
+                    }
+                )
+        # Stable: a change's detection comes before its attempts recorded at the same moment.
+        events.sort(key=lambda event: event["at"])
+        return {
+            "user_id": user_id,
+            "deleted": now["deleted"],
+            "deletion_requested_at": now["deletion_requested_at"],
+            "audiences": now["audiences"],
+            "traits": now["traits"],
+            "events": [{**event, "at": _when(event["at"])} for event in events],
+        }
+
     def runs(self, limit: int) -> list[Record]:
         """The most recent runs, newest first."""
         with reading(self.engine) as connection:
@@ -385,6 +490,11 @@ class Inspection:
                 "pending": row.pending,
                 "rejected": row.rejected,
                 "parked": row.parked,
+                "held": row.held,
+                "urls_down": row.urls_down,
+                "skipped": row.skipped,
+                "invalid": row.invalid,
+                "deletes_pending": row.deletes_pending,
                 "error": row.error,
             }
             for row in rows
