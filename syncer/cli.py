@@ -303,6 +303,64 @@ def _rows(kind: Kind) -> str:
     return "member row(s)" if kind is Kind.AUDIENCE else "trait value row(s)"
 
 
+@main.command(name="replay")
+@click.option("--run", "run_id", type=int, required=True, help="The run to replay (its id).")
+@click.option("--to", "to_url", required=True, help="The workflow URL to send the copies to.")
+@click.option(
+    "--from",
+    "from_url",
+    default=None,
+    help="Replay what the run delivered to this URL (default: the run's first URL).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be sent; send nothing.")
+@click.pass_obj
+def replay_command(app: App, run_id: int, to_url: str, from_url: str | None, dry_run: bool) -> None:
+    """Send again, to --to, exactly what run --run delivered to --from: the same bytes, the
+    same messageIds and timestamps, signed for --to. A copy: no URL's state changes. Users
+    deleted since are skipped. Exit 0 when every payload was accepted, 1 otherwise."""
+    from syncer.sync import SyncEngine
+
+    for option, url in (("--to", to_url), ("--from", from_url)):
+        if url is not None and not _is_workflow_url(url):
+            raise ConfigError(f"{option}: {url!r} is not an http:// or https:// URL")
+    engine = SyncEngine(app.settings, app.store())
+    try:
+        if sys.stderr.isatty() and not dry_run:
+            with _bars() as bar:
+                report = engine.replay(run_id, to_url, from_url, progress=_BarProgress(bar))
+        else:
+            report = engine.replay(run_id, to_url, from_url, dry_run=dry_run)
+    finally:
+        engine.close()
+    skipped = (
+        f"; {report.skipped_deleted} about users deleted since, skipped"
+        if report.skipped_deleted
+        else ""
+    )
+    if dry_run:
+        click.echo(
+            f"dry run: run {run_id} delivered {report.payloads} payload(s) to "
+            f"{report.from_url}: would send them to {report.to_url}{skipped}"
+        )
+        return
+    failed = ", ".join(f"{n} {kind}" for kind, n in sorted(report.not_accepted.items()))
+    click.echo(
+        f"replayed run {run_id} from {report.from_url} to {report.to_url}: "
+        f"{report.accepted} of {report.payloads} payload(s) accepted"
+        + (f", not accepted: {failed} (first: {report.first_problem})" if failed else "")
+        + f"{skipped} in {report.duration_seconds:.2f}s"
+    )
+    sys.exit(EXIT_OK if report.complete else EXIT_UNDELIVERED)
+
+
+def _is_workflow_url(url: str) -> bool:
+    try:
+        canonical_url(url)
+    except ValueError:
+        return False
+    return True
+
+
 @main.command(name="delete-user")
 @click.argument("user_ids", nargs=-1, required=True)
 @click.pass_obj

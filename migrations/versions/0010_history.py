@@ -5,6 +5,8 @@ retryable, refused, rejected, parked), with what its body is rebuilt from, so th
 and `replay` need nothing else; it is written in the transaction that records the outcome, on
 PostgreSQL inside `syncer_exchange`, which therefore takes the run's id and the attempts of
 each delivery. `syncer_sizes` keeps each audience's and trait's size at each run.
+`syncer_change_log_purged` counts, per run and URL, the deliveries forgotten with deleted users
+(a count, no identity), for `replay` to report.
 `syncer_runs` gains the counts a monitor alerts on; `syncer_destinations` counts the runs in a
 row in which a URL failed.
 
@@ -126,6 +128,13 @@ def upgrade() -> None:
     op.create_index("ix_syncer_change_log_user", "syncer_change_log", ["user_id"])
     op.create_index(
         "ix_syncer_change_log_run", "syncer_change_log", ["run_id", "destination_id", "id"]
+    )
+    op.create_table(
+        "syncer_change_log_purged",
+        sa.Column("run_id", sa.BigInteger, nullable=False),
+        sa.Column("destination_id", sa.Integer, nullable=False),
+        sa.Column("delivered", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("run_id", "destination_id"),
     )
     op.create_table(
         "syncer_sizes",

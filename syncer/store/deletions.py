@@ -24,10 +24,10 @@ from sqlalchemy.engine import Connection
 from syncer.core.outcomes import Outcome, OutcomeKind
 from syncer.core.pacing import Slots
 from syncer.store.claims import RELEASED, Claim, claim_values, owned, unclaimed
+from syncer.store.history import forget_history
 from syncer.store.pacing import reserve_slots
 from syncer.store.schema import (
     DELETION_OWED,
-    change_log,
     deleted_users,
     deletions,
     outbox,
@@ -107,8 +107,9 @@ class DeletionStore:
                     ],
                 )
             connection.execute(delete(state).where(state.c.user_id.in_(users)))
-            # Privacy wins over history: what was sent about them is forgotten too.
-            connection.execute(delete(change_log).where(change_log.c.user_id.in_(users)))
+            # Privacy wins over history: what was sent about them is forgotten too, but for
+            # how many deliveries of each run went (replay reports them as skipped).
+            forget_history(connection, users)
             connection.execute(delete(outbox).where(outbox.c.user_id.in_(users), unclaimed(outbox)))
 
     def exchange(
@@ -201,6 +202,19 @@ class DeletionStore:
                 update(deletions).where(deletions.c.id.in_(unsent)).values(**RELEASED)
             )
         return ownership.taken_over
+
+    def deleted_among(self, user_ids: Sequence[str]) -> set[str]:
+        """Which of these users were deleted."""
+        if not user_ids:
+            return set()
+        with reading(self.engine) as connection:
+            return set(
+                connection.execute(
+                    select(deleted_users.c.user_id).where(
+                        deleted_users.c.user_id.in_(sorted(set(user_ids)))
+                    )
+                ).scalars()
+            )
 
     def owed_count(self, destination_id: int) -> int:
         """How many deletes one URL still has to accept."""

@@ -31,13 +31,15 @@ from syncer.store.schema import (
     audience_keys,
     audience_memberships,
     change_log,
+    change_log_purged,
     computed_trait_values,
+    destinations,
     query_members,
     query_values,
     runs,
     sizes,
 )
-from syncer.store.sql import reading, writing
+from syncer.store.sql import dialect_insert, reading, writing
 
 _l = change_log.c
 
@@ -53,6 +55,33 @@ def log_entries(connection: Connection, entries: Sequence[dict[str, Any]]) -> No
     """Append entries to the change log (columns of ``syncer_change_log`` but id)."""
     if entries:
         connection.execute(insert(change_log), list(entries))
+
+
+def forget_history(connection: Connection, user_ids: Sequence[str]) -> None:
+    """Delete the users' change-log entries, counting the deliveries forgotten per run and
+    URL in ``syncer_change_log_purged``."""
+    counts = connection.execute(
+        select(_l.run_id, _l.destination_id, func.count().label("n"))
+        .where(
+            _l.user_id.in_(list(user_ids)),
+            _l.outcome == LogOutcome.DELIVERED.value,
+            _l.run_id.is_not(None),
+        )
+        .group_by(_l.run_id, _l.destination_id)
+    ).all()
+    if counts:
+        statement = dialect_insert(connection, change_log_purged)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=["run_id", "destination_id"],
+                set_={"delivered": change_log_purged.c.delivered + statement.excluded.delivered},
+            ),
+            [
+                {"run_id": row.run_id, "destination_id": row.destination_id, "delivered": row.n}
+                for row in counts
+            ],
+        )
+    connection.execute(delete(change_log).where(_l.user_id.in_(list(user_ids))))
 
 
 @dataclass(frozen=True)
@@ -147,6 +176,9 @@ class HistoryStore:
                 ) + 1
             gone += counted.execute(delete(change_log).where(_l.run_id < first_kept)).rowcount
             connection.execute(delete(sizes).where(sizes.c.run_id < first_kept))
+            connection.execute(
+                delete(change_log_purged).where(change_log_purged.c.run_id < first_kept)
+            )
             return int(gone)
 
     def record_sizes(
@@ -216,13 +248,30 @@ class HistoryStore:
             yield [_logged(row) for row in rows]
             after = rows[-1].id
 
-    def destinations_of_run(self, run_id: int) -> list[int]:
-        """The URLs (by id) a run recorded deliveries for, in the order it first did."""
+    def purged_deliveries(self, run_id: int, destination_id: int) -> int:
+        """How many deliveries of a run to a URL were forgotten with deleted users."""
         with reading(self.engine) as connection:
-            rows = connection.execute(
+            found = connection.execute(
+                select(change_log_purged.c.delivered).where(
+                    change_log_purged.c.run_id == run_id,
+                    change_log_purged.c.destination_id == destination_id,
+                )
+            ).scalar_one_or_none()
+        return int(found or 0)
+
+    def destinations_of_run(self, run_id: int) -> list[tuple[int, str]]:
+        """The URLs (id, URL as last configured) a run recorded deliveries for, in the order
+        it first did."""
+        with reading(self.engine) as connection:
+            first = (
                 select(_l.destination_id, func.min(_l.id).label("first"))
                 .where(_l.run_id == run_id, _l.outcome == LogOutcome.DELIVERED.value)
                 .group_by(_l.destination_id)
-                .order_by("first")
+                .subquery()
+            )
+            rows = connection.execute(
+                select(destinations.c.id, destinations.c.url)
+                .join(first, first.c.destination_id == destinations.c.id)
+                .order_by(first.c.first)
             ).all()
-        return [int(row.destination_id) for row in rows]
+        return [(int(row.id), str(row.url)) for row in rows]

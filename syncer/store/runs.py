@@ -72,6 +72,12 @@ class RunStore:
                 .values(finished_at=now, status=status.value, error=error, **asdict(counts))
             )
 
+    def exists(self, run_id: int) -> bool:
+        """Whether a run of this id was ever recorded."""
+        with reading(self.engine) as connection:
+            found = connection.execute(select(runs.c.id).where(runs.c.id == run_id)).first()
+        return found is not None
+
     def mark_crashed(self, is_dead: Callable[[str], bool]) -> int:
         """Mark as crashed the runs still running whose process ``is_dead`` says is gone."""
         with reading(self.engine) as connection:

@@ -356,6 +356,17 @@ change_log = Table(
     sqlite_autoincrement=True,
 )
 
+# Per run and URL, how many delivered entries were forgotten with deleted users: a count
+# without identity, so that a replay can say how many it skipped.
+change_log_purged = Table(
+    "syncer_change_log_purged",
+    metadata,
+    Column("run_id", BigInteger, nullable=False),
+    Column("destination_id", Integer, nullable=False),
+    Column("delivered", Integer, nullable=False),
+    PrimaryKeyConstraint("run_id", "destination_id"),
+)
+
 # Each audience's member count and each trait's count of values, at each run that synced it.
 sizes = Table(
     "syncer_sizes",

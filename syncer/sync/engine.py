@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 
 from syncer.core.states import Call, Kind, PairState, RunStatus
 from syncer.core.traits import KeyProblem, Subject
-from syncer.core.urls import canonical_url
+from syncer.core.urls import canonical_url, configured_url
 from syncer.delivery.sender import RetryPolicy, UrlSender
 from syncer.delivery.transport import AiohttpTransport, Transport
 from syncer.errors import ConfigError
@@ -41,6 +41,7 @@ from syncer.sync.context import NoProgress, Progress, RunContext, holder_is_dead
 from syncer.sync.deletions import deliver_deletions
 from syncer.sync.helper import helper_for
 from syncer.sync.pairs import plan_pair, sync_pair
+from syncer.sync.replay import ReplayReport, replay, resolve_replay
 from syncer.sync.reports import DeletionReport, PairReport, SyncReport
 
 log = structlog.get_logger("syncer.sync")
@@ -274,6 +275,45 @@ class SyncEngine:
             return await work
         finally:
             self._loop = self._task = None
+
+    def replay(
+        self,
+        run_id: int,
+        to_url: str,
+        from_url: str | None = None,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> ReplayReport:
+        """Send what run ``run_id`` delivered to ``from_url`` (default: its first URL) to
+        ``to_url`` again, byte for byte, signed for ``to_url``; change no URL's state.
+
+        ``to_url`` is signed with its own secret when it is configured, else with ``[tray]
+        shared_secret``.
+        """
+        tray = self.settings.tray
+        known = configured_url(tray.urls, to_url)
+        secret = tray.secret_for(known) if known is not None else tray.secret
+        source = resolve_replay(self.context, run_id, from_url)
+
+        async def work() -> ReplayReport:
+            transport = self._transport_factory()
+            try:
+                return await replay(
+                    self.context,
+                    self.settings,
+                    self._sender(known or to_url, transport),
+                    secret,
+                    run_id,
+                    source,
+                    dry_run=dry_run,
+                    progress=progress or NoProgress(),
+                )
+            finally:
+                self._senders.clear()
+                await transport.aclose()
+
+        return run_event_loop(self._tracked(work()))
 
     def dry_run(self, options: SyncOptions, emit: DryRunEmitter) -> SyncReport:
         """Plan every pair exactly as a run would, hand each change it would send to ``emit``,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -21,6 +22,7 @@ from syncer.store.sql import utcnow
 from syncer.sync import SyncEngine, SyncOptions
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, make_settings, run_sync
+from tests.integration.cli_helpers import cli, json_out, show, write_settings
 
 AUDIENCE, KEY = "aud_vip", "vip_customers"
 
@@ -59,9 +61,7 @@ def test_every_delivery_is_logged_with_its_run_and_message_id(
         for event in inspection.explain(user, [url])["events"]
         if event["event"] == "attempt"
     }
-    received = {
-        (r.message["messageId"], r.message["traits"][KEY]) for r in standin.received("/wf")
-    }
+    received = {(r.message["messageId"], r.message["traits"][KEY]) for r in standin.received("/wf")}
     assert logged_ids == received
 
 
@@ -88,7 +88,7 @@ def test_failures_are_logged_with_status_and_parking(
     run_sync(store, [url])
     assert [row.outcome for row in log_rows(store, user_id="slow")][-1] == "delivered"
     timeline = Inspection(store).explain("slow", [url])["events"]
-    assert [event["event"] for event in timeline][0] == "detected"
+    assert timeline[0]["event"] == "detected"
     assert [event.get("http_status") for event in timeline if event["event"] == "attempt"][
         -1
     ] is None
@@ -216,3 +216,37 @@ def test_the_run_summary_counts_and_a_urls_failed_runs_in_a_row(
     # A run with nothing to send leaves the count and the last success as they were.
     run_sync(store, [url])
     assert failed_runs() == (0, success)
+
+
+def test_the_explain_command(
+    tmp_path: Path, database_url: str, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience(AUDIENCE, "VIP Customers", key=KEY)
+    upstream.add(AUDIENCE, "u1")
+    url = standin.url("/wf")
+    settings = write_settings(tmp_path / "settings.toml", database_url, [url])
+    assert cli("sync", settings=settings).returncode == 0
+    upstream.remove(AUDIENCE, "u1")
+    standin.respond("/wf", Reply(status=503))
+    assert cli("sync", settings=settings).returncode == 1
+
+    table = cli("explain", "u1", settings=settings)
+    assert table.returncode == 0, show(table)
+    lines = table.stdout.splitlines()
+    assert "in audiences now: none" in lines
+    assert any("change detected" in line and " yes " in line for line in lines), show(table)
+    assert any("sent" in line and "delivered" in line for line in lines), show(table)
+    assert any("sent" in line and "retryable 503" in line for line in lines), show(table)
+    assert any("queued" in line and "pending 503" in line for line in lines), show(table)
+    record = json_out(cli("explain", "u1", "--format", "json", settings=settings))
+    assert [event["event"] for event in record["events"]] == [
+        "detected",
+        "attempt",
+        "detected",
+        "attempt",
+        "pending",
+    ]
+    assert record["events"][1]["run_id"] == 1 and record["events"][3]["run_id"] == 2
+    assert cli("explain", "nobody", settings=settings).stdout.splitlines()[-1] == (
+        "nothing was sent about this user (within the history kept)"
+    )
