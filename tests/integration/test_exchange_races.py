@@ -158,6 +158,14 @@ def sessions_waiting_for(engine: Engine, pid: int) -> list[str]:
     ]
 
 
+def logged_users(engine: Engine) -> list[str]:
+    """The users the change log has entries about."""
+    return [
+        user
+        for (user,) in query(engine, "select distinct user_id from syncer_change_log order by 1")
+    ]
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_a_delete_user_committed_while_a_delivery_waits_for_its_lock_leaves_nothing_told(
@@ -211,6 +219,7 @@ def test_a_delete_user_committed_while_a_delivery_waits_for_its_lock_leaves_noth
     assert (recorded.lost, recorded.claimed, recorded.held) == (0, [], False)
     # What was told about the deleted user is forgotten; what the others were told is kept.
     assert told_users(engine) == KEPT
+    assert logged_users(engine) == KEPT  # the change log forgets them too
     assert query(engine, "select count(*) from syncer_outbox") == [(0,)]
     assert query(engine, "select user_id from syncer_deleted_users") == [(DELETED,)]
     assert store.deletions.owed_count(destination_id) == 1
@@ -242,5 +251,6 @@ def test_a_user_deleted_after_the_claim_is_not_recorded_when_the_delivery_is(
     assert (recorded.lost, recorded.claimed, recorded.held) == (0, [], False)
     told = query(engine, "select user_id, value, message_id from syncer_state order by user_id")
     assert told == [(user, "true", message_id(store.namespace, change_ids[user])) for user in KEPT]
+    assert logged_users(engine) == KEPT
     assert query(engine, "select count(*) from syncer_outbox") == [(0,)]
     assert store.deletions.owed_count(destination_id) == 1
