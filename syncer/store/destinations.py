@@ -13,6 +13,7 @@ from syncer.core.urls import canonical_url
 from syncer.store.schema import (
     DELETION_OWED,
     change_log,
+    change_log_purged,
     deletions,
     destinations,
     outbox,
@@ -141,8 +142,7 @@ class DestinationStore:
             )
             connection.execute(delete(pairs).where(pairs.c.destination_id == destination_id))
             # Its history goes too: a URL configured later may be given the same id.
-            connection.execute(
-                delete(change_log).where(change_log.c.destination_id == destination_id)
-            )
+            for table in (change_log, change_log_purged):
+                connection.execute(delete(table).where(table.c.destination_id == destination_id))
             connection.execute(delete(destinations).where(destinations.c.id == destination_id))
         return Forgotten(found.url, told, queued, owed)

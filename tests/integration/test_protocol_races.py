@@ -48,6 +48,7 @@ from syncer.testing.tray_standin import Received, Reply, TrayStandin
 from tests.integration.cli_helpers import (
     Result,
     call_each,
+    db_rows,
     cli,
     json_out,
     show,
@@ -676,7 +677,10 @@ def test_url_edit_keeps_its_debts_and_a_removed_url_is_reported_until_forgotten(
     )
     assert unconfirmed.returncode == 2, show(unconfirmed)
     assert configured.returncode == 2, show(configured)
+    assert db_rows(database_url, "syncer_change_log")  # what the old URL was sent
     syncer(settings, "forget-url", slashed, "--yes", expect=0)
+    # Its history goes with it: another URL may be given its id later.
+    assert db_rows(database_url, "syncer_change_log") == []
     after = syncer(settings, "sync", expect=0)
     assert "/wf" not in after.stdout and "forget-url" not in after.stdout, show(after)
 
