@@ -86,8 +86,15 @@ def main() -> int:
         syncer("sync", "--dry-run")
         step("second sync: only the changes go out")
         second = syncer("sync")
+        step("why did the workflows get what they got about user_003? (`syncer explain`)")
+        syncer("explain", "user_003")
+        step(
+            "replay the first run's deliveries to workflow-a into a fresh workflow "
+            "(`syncer replay`: same bytes, same messageIds; a copy, no state changes)"
+        )
+        replayed = syncer("replay", "--run", "1", "--to", "http://127.0.0.1:8765/workflow-new")
         step("done: run `syncer --help` for every command; README.md explains the rest")
-        return first or second
+        return first or second or replayed
     finally:
         standin.terminate()
         standin.wait(timeout=10)

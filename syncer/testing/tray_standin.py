@@ -64,6 +64,10 @@ _PRINTING = threading.Lock()
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a sender opening 16 connections at once had
+    # some of them dropped and retried by the kernel a second later.
+    request_queue_size = 128
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A sender killed or cut off mid-request (the crash tests do it on purpose) resets its
         # connection; the default prints a traceback to whatever sys.stderr is at that moment,
