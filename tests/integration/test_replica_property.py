@@ -58,8 +58,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
+from syncer.core.payload import message_id
 from syncer.store import Store
+from syncer.store.schema import change_log
 from syncer.sync import SyncEngine, SyncOptions, SyncReport
 from syncer.testing.tray_standin import Reply, TrayStandin
 from tests.conftest import Upstream, make_settings
@@ -336,7 +339,36 @@ class Example:
             received = self.standin.received(path)
             assert sorted(r.body for r in received) == sorted(a.body for a in journal)
             assert all(r.signature_ok for r in received), f"bad signature at {model.url}"
+            self.check_change_log(model, journal)
         return self.flags
+
+    def check_change_log(self, model: UrlModel, journal: list[Arrival]) -> None:
+        """The change log says delivered for exactly the changes the URL answered 2xx in time
+        (a deleted user's entries are forgotten), and for nothing it did not."""
+        destination_id = self.store.destinations.find([model.url])[model.url]
+        with self.store.engine.connect() as connection:
+            rows = connection.execute(
+                select(change_log.c.change_id, change_log.c.outcome).where(
+                    change_log.c.destination_id == destination_id,
+                    change_log.c.audience_id == self.audience_id,
+                )
+            ).all()
+        logged = {
+            message_id(self.store.namespace, row.change_id)
+            for row in rows
+            if row.outcome == "delivered"
+        }
+        answered_ok = {
+            arrival.message["messageId"]
+            for arrival in journal
+            if arrival.answer is Answer.OK
+            and arrival.message["type"] == "identify"
+            and arrival.message["userId"] not in self.deleted_at
+        }
+        assert logged == answered_ok, (
+            f"{model.url}: logged as delivered {sorted(logged - answered_ok)} not answered ok; "
+            f"answered ok {sorted(answered_ok - logged)} not logged"
+        )
 
     def step(self, step: Step) -> list[bool]:
         """One step: membership, maybe a deletion, one sync; checks; which URLs were healthy."""
