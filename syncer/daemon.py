@@ -1,7 +1,8 @@
 """``syncer daemon``: a sync at start, then on the schedule, until SIGTERM or SIGINT.
 
 A thin APScheduler 3 wrapper around :class:`syncer.sync.SyncEngine`: the scheduler only decides
-when; every run is the same tested function a manual ``syncer sync`` calls.
+when; every run is the same tested function a manual ``syncer sync`` calls. With ``[http] port``
+set, the status page, ``/metrics`` and ``/healthz`` are served beside it (:mod:`syncer.web`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import threading
 from datetime import UTC, datetime
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 from apscheduler.schedulers.blocking import BlockingScheduler
@@ -18,7 +20,10 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from syncer.settings import Settings
-from syncer.sync import SyncEngine, SyncOptions
+from syncer.sync import SyncEngine, SyncOptions, SyncReport, query_defined
+
+if TYPE_CHECKING:
+    from syncer.web import StatusServer
 
 log = structlog.get_logger("syncer.daemon")
 
@@ -49,14 +54,17 @@ class Daemon:
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
+        # The status page, /metrics and /healthz, when [http] port is set.
+        self.web: StatusServer | None = None
 
     def run_once(self) -> None:
         """One scheduled run; a failure is logged and the schedule goes on."""
         if self.stopping.is_set():
             return
         self.idle.clear()
+        report: SyncReport | None = None
         try:
-            self.engine.run(SyncOptions(trigger="schedule"))
+            report = self.engine.run(SyncOptions(trigger="schedule"))
         except BaseException as error:  # a failed or cancelled run must never stop the daemon
             if self.stopping.is_set():
                 log.info("sync_stopped", reason=f"{type(error).__name__}")
@@ -64,6 +72,8 @@ class Daemon:
                 log.error("sync_failed", error=f"{type(error).__name__}: {error}"[:500])
         finally:
             self.idle.set()
+        if self.web is not None and not self.stopping.is_set():
+            self.web.record_run(report)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping.is_set():
@@ -75,6 +85,18 @@ class Daemon:
 
     def serve(self) -> int:
         """Block until stopped by SIGTERM or SIGINT; return the exit status (0)."""
+        if self.settings.http.port is not None:
+            # Loaded only when serving (Jinja2, prometheus_client). Listening comes first: an
+            # address in use is a settings error, before any run starts.
+            from syncer.web import StatusServer
+
+            self.web = StatusServer(
+                self.settings,
+                self.engine.store,
+                self.engine.context.holder,
+                query_defined(self.settings),
+            )
+            self.web.start()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         trigger = make_trigger(self.settings)
@@ -88,6 +110,8 @@ class Daemon:
             urls=len(self.settings.tray.urls),
         )
         self.scheduler.start()
+        if self.web is not None:
+            self.web.stop()
         if not self.idle.wait(STOP_DEADLINE_SECONDS):
             # Whatever is still running was cancelled and cannot be waited for any longer;
             # nothing is lost: unrecorded requests are sent again, same messageId, next run.
