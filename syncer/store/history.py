@@ -261,17 +261,17 @@ class HistoryStore:
 
     def destinations_of_run(self, run_id: int) -> list[tuple[int, str]]:
         """The URLs (id, URL as last configured) a run recorded deliveries for, in the order
-        it first did."""
+        they were first configured."""
         with reading(self.engine) as connection:
-            first = (
-                select(_l.destination_id, func.min(_l.id).label("first"))
+            delivered = (
+                select(_l.destination_id)
                 .where(_l.run_id == run_id, _l.outcome == LogOutcome.DELIVERED.value)
-                .group_by(_l.destination_id)
+                .distinct()
                 .subquery()
             )
             rows = connection.execute(
                 select(destinations.c.id, destinations.c.url)
-                .join(first, first.c.destination_id == destinations.c.id)
-                .order_by(first.c.first)
+                .join(delivered, delivered.c.destination_id == destinations.c.id)
+                .order_by(destinations.c.id)
             ).all()
         return [(int(row.id), str(row.url)) for row in rows]

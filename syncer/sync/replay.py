@@ -78,7 +78,9 @@ def replayed_bodies(
 
 def resolve_replay(context: RunContext, run_id: int, from_url: str | None) -> tuple[int, str]:
     """The destination (id, URL) whose deliveries in ``run_id`` are replayed: ``from_url``,
-    else the run's first URL. A usage error when there is nothing to replay."""
+    else the run's first URL (the first of ``workflow_urls`` it delivered to; of URLs no
+    longer configured, the first ever configured). A usage error when there is nothing to
+    replay."""
     store = context.store
     if not store.runs.exists(run_id):
         raise ConfigError(f"--run: there is no run {run_id} (see `syncer inspect runs`)")
@@ -89,7 +91,10 @@ def resolve_replay(context: RunContext, run_id: int, from_url: str | None) -> tu
                 f"--run: run {run_id} delivered nothing within the history kept "
                 "([history] keep_days)"
             )
-        return delivered[0]
+        urls = context.settings.tray.urls
+        configured = store.destinations.find(urls)
+        order = {configured[url]: n for n, url in enumerate(urls) if url in configured}
+        return min(delivered, key=lambda found: (order.get(found[0], len(order)), found[0]))
     found = store.destinations.find([from_url])
     if not found:
         raise ConfigError(f"--from: {from_url!r} was never a workflow URL of this database")
