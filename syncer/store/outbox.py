@@ -3,6 +3,7 @@ did with them, fenced by the claim."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,17 +11,23 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    DateTime,
     Engine,
     Integer,
     Text,
     and_,
     bindparam,
     case,
+    cast,
     delete,
     exists,
     func,
+    insert,
+    literal,
     not_,
+    null,
     or_,
     select,
     text,
@@ -42,6 +49,7 @@ from syncer.store.history import log_entries, other_call
 from syncer.store.pacing import reserve_slots
 from syncer.store.schema import (
     audience_memberships,
+    change_log,
     computed_trait_values,
     deleted_users,
     destinations,
@@ -224,6 +232,68 @@ _UPSERT_TOLD_POSTGRESQL = text(
     ON CONFLICT (destination_id, audience_id, kind, user_id) DO UPDATE SET
         value = excluded.value, unsure = excluded.unsure, anonymous_id = excluded.anonymous_id,
         email = excluded.email, message_id = excluded.message_id, told_at = excluded.told_at
+    """
+)
+
+
+def _log_accepted_sqlite(mine: bool) -> Any:
+    """Change-log entries for the deliveries of outbox rows (``ids``; with ``mine``, only the
+    rows the claim still owns), about users not deleted. ``extra_attempts``: a JSON object of
+    change id -> attempts, for the few that took more than one."""
+    done = _o.done_call
+    part = case(
+        (done == Call.IDENTIFY.value, Call.TRACK.value),
+        (done == Call.TRACK.value, Call.IDENTIFY.value),
+        else_=null(),
+    )
+    path = literal('$."').concat(cast(_o.id, Text)).concat('"')
+    attempts = func.coalesce(func.json_extract(bindparam("extra_attempts", type_=Text), path), 1)
+    rows = select(
+        bindparam("run_id", type_=BigInteger),
+        bindparam("destination_id", type_=Integer),
+        _o.kind,
+        _o.audience_id,
+        _o.user_id,
+        _o.id,
+        _o.call,
+        part,
+        _o.value,
+        _o.anonymous_id,
+        _o.email,
+        _o.created_at,
+        literal(LogOutcome.DELIVERED.value),
+        null(),
+        null(),
+        attempts,
+        bindparam("told_at", type_=DateTime),
+    ).where(_o.id.in_(_ids), not_(_suppressed(_o.user_id)))
+    if mine:
+        rows = rows.where(_o.claim_token == bindparam("claim_token_"))
+    columns = [
+        "run_id", "destination_id", "kind", "audience_id", "user_id", "change_id", "call",
+        "part", "value", "anonymous_id", "email", "created_at", "outcome", "http_status",
+        "error", "attempts", "recorded_at",
+    ]  # fmt: skip
+    return insert(change_log).from_select(columns, rows)
+
+
+_LOG_ACCEPTED_SQLITE = {mine: _log_accepted_sqlite(mine) for mine in (False, True)}
+# On PostgreSQL, from the rows taken, in one statement over arrays (as the state above).
+_LOG_ACCEPTED_POSTGRESQL = text(
+    """
+    INSERT INTO syncer_change_log (run_id, destination_id, kind, audience_id, user_id,
+        change_id, call, part, value, anonymous_id, email, created_at, outcome, http_status,
+        error, attempts, recorded_at)
+    SELECT :run_id, :destination_id, t.kind, t.audience_id, t.user_id, t.change_id, t.call,
+           t.part, t.value, t.anonymous_id, t.email, t.created_at, 'delivered', NULL, NULL,
+           t.attempts, :told_at
+    FROM unnest(CAST(:change_ids AS bigint[]), CAST(:audience_ids AS text[]),
+                CAST(:kinds AS text[]), CAST(:user_ids AS text[]), CAST(:calls AS text[]),
+                CAST(:parts AS text[]), CAST(:told_values AS text[]),
+                CAST(:anonymous_ids AS text[]), CAST(:emails AS text[]),
+                CAST(:created_ats AS timestamp[]), CAST(:attempts AS integer[]))
+         AS t(change_id, audience_id, kind, user_id, call, part, value, anonymous_id, email,
+              created_at, attempts)
     """
 )
 _CLEAR_REFUSAL = (
@@ -535,6 +605,23 @@ class OutboxStore:
     ) -> int:
         """Record deliveries, in the state and the change log; with ``claim``, only of the rows
         it still owns. Return how many."""
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Logged from the rows before they are taken, in one statement: no row goes through
+            # Python (binding two datetimes a row cost a sixth of a first sync's exchanges).
+            # SQLite's writers take turns from BEGIN: nothing changes between this and the take.
+            extra = {str(i): n for i, n in attempts.items() if n != 1 and i in set(change_ids)}
+            connection.execute(
+                _LOG_ACCEPTED_SQLITE[claim is not None],
+                {
+                    "ids": change_ids,
+                    "claim_token_": None if claim is None else claim.token,
+                    "run_id": run_id,
+                    "destination_id": destination_id,
+                    "told_at": now,
+                    "extra_attempts": json.dumps(extra),
+                },
+            )
         if claim is None:
             rows = connection.execute(_ACCEPT, {"ids": change_ids}).all()
         else:
@@ -580,14 +667,26 @@ class OutboxStore:
                     for row in told
                 ],
             )
-        log_entries(
-            connection,
-            [
-                _entry(row, destination_id, run_id, now, LogOutcome.DELIVERED, attempts[row.id])
-                | {"part": other_call(row.done_call)}
-                for row in told
-            ],
-        )
+        if told and not sqlite:
+            connection.execute(
+                _LOG_ACCEPTED_POSTGRESQL,
+                {
+                    "run_id": run_id,
+                    "destination_id": destination_id,
+                    "told_at": now,
+                    "change_ids": [row.id for row in told],
+                    "audience_ids": [row.audience_id for row in told],
+                    "kinds": [row.kind for row in told],
+                    "user_ids": [row.user_id for row in told],
+                    "calls": [row.call for row in told],
+                    "parts": [other_call(row.done_call) for row in told],
+                    "told_values": [row.value for row in told],
+                    "anonymous_ids": [row.anonymous_id for row in told],
+                    "emails": [row.email for row in told],
+                    "created_ats": [row.created_at for row in told],
+                    "attempts": [attempts[row.id] for row in told],
+                },
+            )
         return len(rows)
 
     @staticmethod

@@ -251,3 +251,24 @@ def test_the_explain_command(
     assert cli("explain", "nobody", settings=settings).stdout.splitlines()[-1] == (
         "nothing was sent about this user (within the history kept)"
     )
+
+
+def test_a_delivery_that_took_retries_is_logged_with_its_attempts(
+    store: Store, upstream: Upstream, standin: TrayStandin
+) -> None:
+    upstream.add_audience(AUDIENCE, "VIP Customers")
+    upstream.add(AUDIENCE, "u1", "u2", "u3")
+    url = standin.url("/wf")
+    seen: Counter[bytes] = Counter()
+
+    def second_time_lucky(_path: str, body: bytes) -> Reply:
+        seen[body] += 1
+        return Reply(status=200 if b'"u2"' not in body or seen[body] > 2 else 503)
+
+    standin.respond("/wf", second_time_lucky)
+    assert run_sync(store, [url], max_attempts=4).fully_delivered
+    assert sorted((row.user_id, row.attempts) for row in log_rows(store)) == [
+        ("u1", 1),
+        ("u2", 3),
+        ("u3", 1),
+    ]
