@@ -115,26 +115,15 @@ class LoggedChange:
 
 
 def _logged(row: Any) -> LoggedChange:
+    entry = row._mapping
     return LoggedChange(
-        id=row.id,
-        run_id=row.run_id,
-        destination_id=row.destination_id,
-        kind=Kind(row.kind),
-        audience_id=row.audience_id,
-        user_id=row.user_id,
-        change_id=row.change_id,
-        call=Call(row.call),
-        part=Call(row.part) if row.part is not None else None,
-        value=row.value,
-        anonymous_id=row.anonymous_id,
-        email=row.email,
-        created_at=row.created_at,
-        outcome=LogOutcome(row.outcome),
-        http_status=row.http_status,
-        error=row.error,
-        attempts=row.attempts,
-        recorded_at=row.recorded_at,
-        key=row.key,
+        **{
+            **entry,
+            "kind": Kind(entry["kind"]),
+            "call": Call(entry["call"]),
+            "part": None if entry["part"] is None else Call(entry["part"]),
+            "outcome": LogOutcome(entry["outcome"]),
+        }
     )
 
 

@@ -216,22 +216,37 @@ def _upsert_told(insert: Any) -> Any:
 
 
 _UPSERT_TOLD_SQLITE = _upsert_told(sqlite_insert)
-# On PostgreSQL one statement over arrays: an executemany runs one INSERT per row on the server,
-# which made recording a chunk cost 0.15 ms a row.
-_UPSERT_TOLD_POSTGRESQL = text(
+# On PostgreSQL the state and the change log in one statement over arrays: an executemany runs
+# one INSERT per row on the server, which made recording a chunk cost 0.15 ms a row.
+_RECORD_TOLD_POSTGRESQL = text(
     """
-    INSERT INTO syncer_state (destination_id, audience_id, kind, user_id, value, unsure,
-                              anonymous_id, email, message_id, told_at)
-    SELECT :destination_id, t.audience_id, t.kind, t.user_id, t.value, false,
-           t.anonymous_id, t.email, t.message_id, :told_at
-    FROM unnest(CAST(:audience_ids AS text[]), CAST(:kinds AS text[]),
-                CAST(:user_ids AS text[]), CAST(:told_values AS text[]),
-                CAST(:anonymous_ids AS text[]), CAST(:emails AS text[]),
-                CAST(:message_ids AS text[]))
-         AS t(audience_id, kind, user_id, value, anonymous_id, email, message_id)
-    ON CONFLICT (destination_id, audience_id, kind, user_id) DO UPDATE SET
-        value = excluded.value, unsure = excluded.unsure, anonymous_id = excluded.anonymous_id,
-        email = excluded.email, message_id = excluded.message_id, told_at = excluded.told_at
+    WITH t AS (
+        SELECT * FROM unnest(
+            CAST(:change_ids AS bigint[]), CAST(:audience_ids AS text[]),
+            CAST(:kinds AS text[]), CAST(:user_ids AS text[]), CAST(:told_values AS text[]),
+            CAST(:anonymous_ids AS text[]), CAST(:emails AS text[]),
+            CAST(:message_ids AS text[]), CAST(:calls AS text[]), CAST(:parts AS text[]),
+            CAST(:created_ats AS timestamp[]), CAST(:attempts AS integer[]))
+        AS t(change_id, audience_id, kind, user_id, value, anonymous_id, email, message_id,
+             call, part, created_at, attempts)
+    ), told AS (
+        INSERT INTO syncer_state (destination_id, audience_id, kind, user_id, value, unsure,
+                                  anonymous_id, email, message_id, told_at)
+        SELECT :destination_id, t.audience_id, t.kind, t.user_id, t.value, false,
+               t.anonymous_id, t.email, t.message_id, :told_at
+        FROM t
+        ON CONFLICT (destination_id, audience_id, kind, user_id) DO UPDATE SET
+            value = excluded.value, unsure = excluded.unsure,
+            anonymous_id = excluded.anonymous_id, email = excluded.email,
+            message_id = excluded.message_id, told_at = excluded.told_at
+    )
+    INSERT INTO syncer_change_log (run_id, destination_id, kind, audience_id, user_id,
+        change_id, call, part, value, anonymous_id, email, created_at, outcome, http_status,
+        error, attempts, recorded_at)
+    SELECT :run_id, :destination_id, t.kind, t.audience_id, t.user_id, t.change_id, t.call,
+           t.part, t.value, t.anonymous_id, t.email, t.created_at, 'delivered', NULL, NULL,
+           t.attempts, :told_at
+    FROM t
     """
 )
 
@@ -278,24 +293,6 @@ def _log_accepted_sqlite(mine: bool) -> Any:
 
 
 _LOG_ACCEPTED_SQLITE = {mine: _log_accepted_sqlite(mine) for mine in (False, True)}
-# On PostgreSQL, from the rows taken, in one statement over arrays (as the state above).
-_LOG_ACCEPTED_POSTGRESQL = text(
-    """
-    INSERT INTO syncer_change_log (run_id, destination_id, kind, audience_id, user_id,
-        change_id, call, part, value, anonymous_id, email, created_at, outcome, http_status,
-        error, attempts, recorded_at)
-    SELECT :run_id, :destination_id, t.kind, t.audience_id, t.user_id, t.change_id, t.call,
-           t.part, t.value, t.anonymous_id, t.email, t.created_at, 'delivered', NULL, NULL,
-           t.attempts, :told_at
-    FROM unnest(CAST(:change_ids AS bigint[]), CAST(:audience_ids AS text[]),
-                CAST(:kinds AS text[]), CAST(:user_ids AS text[]), CAST(:calls AS text[]),
-                CAST(:parts AS text[]), CAST(:told_values AS text[]),
-                CAST(:anonymous_ids AS text[]), CAST(:emails AS text[]),
-                CAST(:created_ats AS timestamp[]), CAST(:attempts AS integer[]))
-         AS t(change_id, audience_id, kind, user_id, call, part, value, anonymous_id, email,
-              created_at, attempts)
-    """
-)
 _CLEAR_REFUSAL = (
     update(destinations)
     .where(
@@ -633,12 +630,14 @@ class OutboxStore:
         users = sorted({row.user_id for row in rows})
         deleted = set(connection.execute(_DELETED_AMONG, {"users": users}).scalars())
         told = [row for row in rows if row.user_id not in deleted]
-        if told and connection.dialect.name == "postgresql":
+        if told and not sqlite:
             connection.execute(
-                _UPSERT_TOLD_POSTGRESQL,
+                _RECORD_TOLD_POSTGRESQL,
                 {
+                    "run_id": run_id,
                     "destination_id": destination_id,
                     "told_at": now,
+                    "change_ids": [row.id for row in told],
                     "audience_ids": [row.audience_id for row in told],
                     "kinds": [row.kind for row in told],
                     "user_ids": [row.user_id for row in told],
@@ -646,6 +645,10 @@ class OutboxStore:
                     "anonymous_ids": [row.anonymous_id for row in told],
                     "emails": [row.email for row in told],
                     "message_ids": [message_id(self.namespace, row.id) for row in told],
+                    "calls": [row.call for row in told],
+                    "parts": [other_call(row.done_call) for row in told],
+                    "created_ats": [row.created_at for row in told],
+                    "attempts": [attempts[row.id] for row in told],
                 },
             )
         elif told:
@@ -666,26 +669,6 @@ class OutboxStore:
                     }
                     for row in told
                 ],
-            )
-        if told and not sqlite:
-            connection.execute(
-                _LOG_ACCEPTED_POSTGRESQL,
-                {
-                    "run_id": run_id,
-                    "destination_id": destination_id,
-                    "told_at": now,
-                    "change_ids": [row.id for row in told],
-                    "audience_ids": [row.audience_id for row in told],
-                    "kinds": [row.kind for row in told],
-                    "user_ids": [row.user_id for row in told],
-                    "calls": [row.call for row in told],
-                    "parts": [other_call(row.done_call) for row in told],
-                    "told_values": [row.value for row in told],
-                    "anonymous_ids": [row.anonymous_id for row in told],
-                    "emails": [row.email for row in told],
-                    "created_ats": [row.created_at for row in told],
-                    "attempts": [attempts[row.id] for row in told],
-                },
             )
         return len(rows)
 
