@@ -423,20 +423,11 @@ class SyncEngine:
             with_work |= {(d, Subject.trait(t)) for d, t in trait_work}
         run_id = await context.db(store.runs.start, options.trigger, context.holder, utcnow())
         report.run_id = run_id
-        # The sizes are measured from what this run plans from (a query's fresh snapshot).
-        await context.db(
-            store.history.record_sizes,
-            run_id,
-            [(row.subject, row.from_query) for row, _ in locked],
-            utcnow(),
-        )
-        pruned = await context.db(store.history.prune, utcnow(), self.settings.history.keep_days)
-        if pruned:
-            log.info("history_pruned", entries=pruned, keep_days=self.settings.history.keep_days)
         transports = {url: self._transport_factory() for url in urls}
         status, error = RunStatus.FAILED, None
         senders = [self._sender(url, transports[url]) for url in urls]
         try:
+            await self._keep_history(run_id, locked)
             results = await gather_or_cancel(
                 [
                     self._sync_url(
@@ -474,6 +465,16 @@ class SyncEngine:
             )
         self._log_summary(report, options, status)
         return report
+
+    async def _keep_history(self, run_id: int, locked: list[tuple[AudienceRow, str]]) -> None:
+        """Record the size of each audience and trait this run syncs, measured from what it
+        plans from (a query's fresh snapshot), and forget history older than keep_days."""
+        store, keep_days = self.store, self.settings.history.keep_days
+        subjects = [(row.subject, row.from_query) for row, _ in locked]
+        await self.context.db(store.history.record_sizes, run_id, subjects, utcnow())
+        pruned = await self.context.db(store.history.prune, utcnow(), keep_days)
+        if pruned:
+            log.info("history_pruned", entries=pruned, keep_days=keep_days)
 
     async def _evaluate_queries(
         self, rows: list[tuple[AudienceRow, str]], report: SyncReport
