@@ -274,7 +274,11 @@ def insert_changes(connection: Connection, select_: Any) -> int:
         # members. Index lookups (or one hash of it) stay linear.
         connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
     try:
-        return int(counted.execute(insert(outbox).from_select(_OUTBOX_COLUMNS, select_)).rowcount)
+        inserted = counted.execute(insert(outbox).from_select(_OUTBOX_COLUMNS, select_)).rowcount
+        if inserted < 0:
+            # Python's sqlite3 counts no rows for a statement that starts with WITH.
+            inserted = connection.exec_driver_sql("SELECT changes()").scalar_one()
+        return int(inserted)
     finally:
         if postgresql:
             connection.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")
@@ -432,16 +436,34 @@ def _plan_in(
         or_(literal(full, Boolean), not_(pair.certainly_told_as_member(m.c.user_id))),
     )
     problem = row_problem(connection, m.c.user_id, m.c.anonymous_id, m.c.email)
+    entering: Any = m
+    if connection.dialect.name == "sqlite":
+        # SQLite checks a row's text (problem) before probing the state and the outbox, for
+        # every member: finding the candidates first, in a materialized CTE, and checking only
+        # those took a plan of 100,000 members from 0.47 s to 0.27 s (a sixth of a 1% churn).
+        entering = (
+            select(m.c.user_id, m.c.anonymous_id, m.c.email)
+            .where(candidates)
+            .cte("syncer_candidates")
+            .prefix_with("MATERIALIZED")
+        )
+    e = entering.c
     entry = change_columns(
         pair,
-        user=m.c.user_id,
+        user=e.user_id,
         value=TRUE,
         forced=full,
         now=now,
-        anonymous_id=m.c.anonymous_id,
-        email=m.c.email,
+        anonymous_id=e.anonymous_id,
+        email=e.email,
     )
-    new_entered = insert_changes(connection, select(*entry).where(candidates, problem.is_(None)))
+    valid = row_problem(connection, e.user_id, e.anonymous_id, e.email).is_(None)
+    new_entered = insert_changes(
+        connection,
+        select(*entry).where(valid, candidates)
+        if entering is m
+        else select(*entry).select_from(entering).where(valid),
+    )
     invalid, example = count_invalid(connection, m.c.user_id, problem, candidates)
 
     s = state.c
