@@ -607,7 +607,7 @@ class OutboxStore:
             # Logged from the rows before they are taken, in one statement: no row goes through
             # Python (binding two datetimes a row cost a sixth of a first sync's exchanges).
             # SQLite's writers take turns from BEGIN: nothing changes between this and the take.
-            extra = {str(i): n for i, n in attempts.items() if n != 1 and i in set(change_ids)}
+            extra = {str(i): n for i, n in attempts.items() if n != 1}
             connection.execute(
                 _LOG_ACCEPTED_SQLITE[claim is not None],
                 {
