@@ -774,6 +774,30 @@ def test_store_reaches_history_tables_only_through_indexes(
     assert not problems, "\n\n".join(problems)
 
 
+def test_sqlite_finds_entries_and_exits_by_merging_sorted_index_scans(store: Store) -> None:
+    """SQLite finds who is untold (entries) and who left (exits) in one merge of the members'
+    and the state's sorted indexes, not one index probe per member: five times faster at
+    100,000 members. It merges a compound SELECT only while the ORDER BY is kept."""
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL plans its anti-joins itself (hash or merge)")
+    history = with_history(store)
+    with recorded_statements(store.engine) as statements:
+        plan_exits(store, history)
+    with explaining(store.engine) as explain:
+        explained = [explain(statement, parameters) for statement, parameters in statements]
+    merged = {
+        what: [e for e in explained if re.search(pattern, _one_line(e.statement))]
+        for what, pattern in (
+            ("entry candidates", r"^INSERT INTO syncer_plan_candidates "),
+            ("exits of the told", FIRST_FROM + r"\(SELECT syncer_state\.user_id AS user_id "),
+        )
+    }
+    for what, items in merged.items():
+        assert items, f"no statement of the {what} ran"
+        for item in items:
+            assert "MERGE (EXCEPT)" in item.plan, f"{what}: no merge\n{item.show()}"
+
+
 # --- The same check against what the old implementation ran. ---
 
 # syncer/store/repository.py at 4396e92: Repository.pending_deletions and orphan_memberships.
