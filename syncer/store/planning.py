@@ -11,7 +11,8 @@ retried on a serialization failure), on SQLite the write lock taken at BEGIN giv
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -558,16 +559,32 @@ def _enter(pair: Pair, candidates: Any, full: bool, now: datetime) -> tuple[int,
     return entered, invalid, example
 
 
-# The entry candidates of one plan on SQLite (a temporary table: it lives on the connection
-# only, and its rows are written in the plan's transaction, so a plan that is undone leaves none).
-_candidates = Table(
+@contextmanager
+def filled(connection: Connection, table: Table, rows: Select[Any]) -> Iterator[Table]:
+    """``table``, a temporary table of the connection, holding ``rows`` (its columns, in
+    order) for the block, and emptied after it.
+
+    Its rows are written in the plan's transaction: a plan undone leaves none behind (nor the
+    table, if the plan created it). Made on SQLite for rows that two statements of a plan read,
+    which SQLite would otherwise find twice.
+    """
+    table.create(connection, checkfirst=True)
+    connection.execute(insert(table).from_select([c.name for c in table.c], rows))
+    yield table
+    connection.execute(delete(table))
+
+
+def scratch_table(name: str, *columns: Column[Any]) -> Table:
+    """A temporary table for :func:`filled`."""
+    return Table(name, MetaData(), *columns, prefixes=["TEMPORARY"])
+
+
+_entry_scratch = scratch_table(
     "syncer_plan_candidates",
-    MetaData(),
     Column("user_id", Text, nullable=False),
     Column("anonymous_id", Text),
     Column("email", Text),
     Column("problem", Text),
-    prefixes=["TEMPORARY"],
 )
 
 
@@ -579,15 +596,8 @@ def _enter_through_temporary_table(
     Reading them twice (once to insert, once to count the invalid ones) was a tenth of a run
     that found 1% churn in a million memberships.
     """
-    connection = pair.connection
-    _candidates.create(connection, checkfirst=True)
-    connection.execute(
-        insert(_candidates).from_select(["user_id", "anonymous_id", "email", "problem"], candidates)
-    )
-    entered = _enter(pair, _candidates, full, now)
-    # Emptied for the connection's next plan (a plan undone takes its rows with it).
-    connection.execute(delete(_candidates))
-    return entered
+    with filled(pair.connection, _entry_scratch, candidates) as found:
+        return _enter(pair, found, full, now)
 
 
 class _PlanIn(Protocol):

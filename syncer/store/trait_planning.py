@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Column,
     ColumnElement,
     Text,
     and_,
@@ -43,9 +44,11 @@ from syncer.store.planning import (
     PlanResult,
     change_columns,
     count_invalid,
+    filled,
     finish_plan,
     insert_changes,
     mark_dropped_as_doubtful,
+    scratch_table,
     start_plan,
 )
 from syncer.store.schema import (
@@ -132,6 +135,15 @@ class _Trait:
         )
 
 
+# The values of one plan on SQLite that may be sent, or are queued (see plan_trait_in).
+_trait_scratch = scratch_table(
+    "syncer_plan_trait_candidates",
+    Column("user_id", Text, nullable=False),
+    Column("value", Text),
+    Column("problem", Text),
+    Column("enters", Boolean, nullable=False),  # not queued: a change may be planned
+)
+
 # Users whose stale forced change is replaced per statement: bounded, whatever the backlog.
 _REPLACED_PER_ROUND = 1000
 
@@ -212,18 +224,33 @@ def plan_trait_in(
         _holds_a_value(trait.value),
         not_(pair.suppressed(v.c.user_id)),
     )
-    candidates = and_(
-        present,
-        not_(pair.queued(v.c.user_id)),
-        or_(is_full, not_(trait.certainly_told(v.c.user_id, trait.value))),
-    )
-    new_values += insert_changes(
-        connection,
-        select(
-            *change_columns(pair, user=v.c.user_id, value=trait.value, forced=full, now=now)
-        ).where(candidates, trait.problem.is_(None)),
-    )
-    invalid, example = count_invalid(connection, v.c.user_id, trait.problem, present)
+    untold = or_(is_full, not_(trait.certainly_told(v.c.user_id, trait.value)))
+    if connection.dialect.name == "sqlite":
+        # On SQLite a value's problem is a call into Python (is it JSON?), which SQLite would
+        # make for every present value, in the insert and again in the count: 90% of a run
+        # that found 1% of 200,000 values changed. Read once, with the problem checked only
+        # for the values that may be sent (and the queued ones, which the count includes).
+        in_outbox = pair.queued(v.c.user_id)
+        rows = select(v.c.user_id, trait.value, trait.problem, not_(in_outbox)).where(
+            present, or_(in_outbox, untold)
+        )
+        with filled(connection, _trait_scratch, rows) as found:
+            f = found.c
+            new_values += insert_changes(
+                connection,
+                select(
+                    *change_columns(pair, user=f.user_id, value=f.value, forced=full, now=now)
+                ).where(f.enters, f.problem.is_(None)),
+            )
+            invalid, example = count_invalid(connection, f.user_id, f.problem, true())
+    else:
+        new_values += insert_changes(
+            connection,
+            select(
+                *change_columns(pair, user=v.c.user_id, value=trait.value, forced=full, now=now)
+            ).where(present, not_(pair.queued(v.c.user_id)), untold, trait.problem.is_(None)),
+        )
+        invalid, example = count_invalid(connection, v.c.user_id, trait.problem, present)
 
     s = state.c
     gone = and_(
