@@ -682,6 +682,16 @@ def test_a_worker_cut_off_from_the_database_stops_before_its_claim_can_run_out(
             time.sleep(max(0.0, cut_at + CUT_LEASE - time.monotonic()))
             second_started = time.monotonic()
             second = SyncInThread(database_url, [url], CUT_DELIVERY)
+            # The cut lasts CUT_SECONDS, and until the second worker has sent a row the cut
+            # worker held: under CI's load its start alone took longer than the 2 s left.
+            wait_until(
+                lambda: (
+                    {a.user for a in workflow.between(second_started, time.monotonic())}
+                    & claimed_at_cut
+                ),
+                60,
+                "the second worker to send a row the cut worker held",
+            )
             time.sleep(max(0.0, cut_at + CUT_SECONDS - time.monotonic()))
             restored_at = time.monotonic()
             proxy.restore()
