@@ -27,6 +27,9 @@ The checks:
   is a change about the user in flight), it probes that table once per row, pinning the user:
   a claim of ten changes must not read the whole audience (PostgreSQL's hashed subplan does).
 
+On SQLite, a plan finds its entry candidates and its exits by merging two sorted index scans
+(``EXCEPT`` with an ``ORDER BY``), which a test checks in the plans too.
+
 The PostgreSQL plan of a whole plan() is expected to fail (strict xfail, see ``CASES``): the
 count of unsendable members may walk every queued change of every pair.
 
