@@ -7,12 +7,14 @@ rules of a delivery (no redirects, TLS verified, bounded reads and time) are all
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
+import certifi
 
 EXCERPT_BYTES = 512
 # What is read of a response at most: enough for an excerpt, never a whole huge body.
@@ -45,6 +47,16 @@ class Transport(Protocol):
 def _excerpt(raw: bytes) -> str:
     text = raw[:EXCERPT_BYTES].decode("utf-8", "replace")
     return " ".join(text.split())
+
+
+@functools.cache
+def verified_tls() -> ssl.SSLContext:
+    """The process's TLS context: certificates verified against certifi's CAs.
+
+    Building one parses the CA file, tens of milliseconds, which every run (and every test)
+    would pay again: the process's transports all share this one, as a context may be.
+    """
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 class AiohttpTransport:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
 import threading
 import time
 import uuid
@@ -21,7 +20,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TypeVar
 
-import certifi
 import structlog
 from sqlalchemy.engine import Connection
 
@@ -29,7 +27,7 @@ from syncer.core.states import Call, Kind, PairState, RunStatus
 from syncer.core.traits import KeyProblem, Subject
 from syncer.core.urls import canonical_url, configured_url
 from syncer.delivery.sender import RetryPolicy, UrlSender
-from syncer.delivery.transport import AiohttpTransport, Transport
+from syncer.delivery.transport import AiohttpTransport, Transport, verified_tls
 from syncer.errors import ConfigError
 from syncer.settings import Settings
 from syncer.store import Store
@@ -157,7 +155,6 @@ class SyncEngine:
         self.settings = settings
         self.store = store
         self._transport_factory = transport_factory or self._default_transport
-        self._tls: ssl.SSLContext | None = None
         workers = 1 if store.engine.dialect.name == "sqlite" else 4
         self.context = RunContext(
             settings=settings,
@@ -172,13 +169,10 @@ class SyncEngine:
         self._task: asyncio.Task[object] | None = None
 
     def _default_transport(self) -> Transport:
-        # Building a TLS context costs tens of milliseconds: one serves every URL and run.
-        if self._tls is None:
-            self._tls = ssl.create_default_context(cafile=certifi.where())
         return AiohttpTransport(
             timeout_seconds=self.settings.delivery.timeout_seconds,
             max_connections=self.settings.delivery.concurrency,
-            tls=self._tls,
+            tls=verified_tls(),
         )
 
     def close(self) -> None:
